@@ -1,0 +1,39 @@
+# sage_fast developer entry points.
+#   make test    create the environment when missing, then run the test suite
+#   make bench   run bench/run.py on this machine
+# Environment: a venv at $(VENV) (default .venv). On a machine whose Python already has a CUDA
+# torch, use it as is:  make test VENV_FLAGS=--system-site-packages  (torch is never replaced:
+# the CPU pins in constraints/cpu.txt apply only when the venv has no CUDA torch).
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sage_fast-installed
+PYTEST_ARGS ?=
+
+.PHONY: test test-all bench env clean-env
+
+env: $(STAMP)
+
+$(STAMP): setup.py constraints/cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "make: CUDA torch found in $(VENV); keeping it (no CPU pins)"; \
+		$(PY) -m pip install -q -e '.[dev]'; \
+	else \
+		$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'; \
+	fi
+	@touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest -q -m "" $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean-env:
+	rm -rf $(VENV)
