@@ -96,7 +96,7 @@ def test_ops_trace_under_torch_compile():
 
 @pytest.mark.slow
 def test_reference_and_ops_under_inductor():
-    x, v, a, b, c = _setup(shape=(2, 4, 5, 6, 7))
+    x, v, a, b, c = _setup(steps=(0, 9), shape=(2, 4, 5, 6, 7))
     noise = torch.randn_like(x)
     step = torch.compile(reference.step_math, fullgraph=True)
     got = step(x, v, a, b, c, noise, "flow_grpo", "mean")
@@ -175,7 +175,7 @@ def test_cuda_dispatch_picks_triton():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_bitwise():
-    x, v, a, b, c = _setup(device="cuda", dtype=torch.bfloat16, shape=(2, 32, 21, 30, 53))
+    x, v, a, b, c = _setup(steps=(0, 9), device="cuda", dtype=torch.bfloat16, shape=(2, 32, 21, 30, 53))
     coef = K.pack_coefficients(a, b, c, x)
     rng = torch.tensor([11, 0], dtype=torch.int64, device="cuda")
     static_x = x.clone()
@@ -198,7 +198,7 @@ def test_cuda_graph_replay_equals_eager_bitwise():
 
 @pytest.mark.gpu
 def test_compiled_training_step_on_gpu_matches_eager():
-    x, v, a, b, c = _setup(device="cuda", dtype=torch.bfloat16, shape=(2, 32, 21, 30, 53))
+    x, v, a, b, c = _setup(steps=(0, 9), device="cuda", dtype=torch.bfloat16, shape=(2, 32, 21, 30, 53))
     coef = K.pack_coefficients(a, b, c, x)
     x_next, _ = K.sde_step(x, v, a, b, c, sde_type="sage_grpo", seed=1)
 
