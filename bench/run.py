@@ -1,0 +1,323 @@
+"""Throughput of the SDE step ops: fused kernel vs eager torch reference vs torch.compile of it.
+
+    python bench/run.py                         # this machine's default device
+    python bench/run.py --device cuda --batch 8 --sizes 480p
+    python bench/run.py --quick                 # tiny shapes, smoke test (what tests run)
+
+For every SDE type and provider it times
+  - `rollout`: one denoise step with its log-prob (noise given; the fused kernel also with
+    in-kernel Philox noise, `fused-philox`),
+  - `train`:   the training log-prob with the anchor KL, forward + backward to d/dv,
+and reports min / median / max time, effective GB/s (the bytes the fused op must move: each
+latent-sized tensor read or written once) and that as % of a measured device-copy bandwidth.
+Providers: `eager` (kernels/reference.py as is), `compile` (torch.compile of the same
+functions), `fused` (the Triton kernels; CUDA only: Triton runs on CPUs only in its
+interpreter, which is no speed).
+
+Results go to bench/results/ as JSON + CSV + a markdown table, named by device and date, with
+the hardware, versions, commit and command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sage_fast.grpo import schedule
+from sage_fast.kernels import dispatch, pack_coefficients, pack_rng, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+# SPEC section 7: latent per sample [C, T, H, W] for 81 frames
+SIZES = {
+    "authors": (32, 21, 22, 39),  # 352x624, the authors' training size
+    "480p": (32, 21, 30, 53),
+    "720p": (32, 21, 45, 80),
+    "tiny": (4, 5, 6, 7),  # --quick
+}
+TYPES = ("sage_grpo", "flow_grpo", "dance_grpo", "cps")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call, one sample per call (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
+    """Measured device copy bandwidth in GB/s (read + write), median of `repeats`."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, warmup, repeats)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+# workloads
+# ------------------------------------------------------------------------------------------
+
+
+def make_case(sde_type, shape, dtype, device, seed=0):
+    steps = torch.arange(shape[0]) % 19  # mixed timesteps, all stochastic for every type
+    a, b, c = schedule.step_coefficients(schedule.sigmas(20, 5.0), steps, sde_type, 0.5)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x, v, noise = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    abc_dev = tuple(t.to(device=device, dtype=torch.float32) for t in (a, b, c))
+    x_next = reference.step_math(x, v, *abc_dev, noise, sde_type, "mean")[0]
+    v_ref = (v.float() + 0.01 * torch.randn(shape, generator=g).to(device)).to(dtype)
+    return dict(x=x, v=v, noise=noise, x_next=x_next, v_ref=v_ref, abc=abc_dev,
+                coef=pack_coefficients(a, b, c, x), rng=pack_rng(seed, 0, x.device))
+
+
+def _train_fn(logprob, case, sde_type):
+    v = case["v"].detach().requires_grad_()
+
+    def run():
+        v.grad = None
+        logp, kl, _ = logprob(v)
+        (logp.sum() + kl.sum()).backward()
+
+    return run
+
+
+def providers(case, sde_type, device, names):
+    """name -> (rollout callable or None, train callable or None, rollout bytes passes)."""
+    x, v, noise, x_next, v_ref, abc = (case[k] for k in ("x", "v", "noise", "x_next", "v_ref", "abc"))
+    out = {}
+    if "eager" in names:
+        out["eager"] = (
+            lambda: reference.step_math(x, v, *abc, noise, sde_type, "mean"),
+            _train_fn(lambda v_: reference.logprob_math(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
+            4,
+        )
+    if "compile" in names:
+        step_c = torch.compile(reference.step_math, fullgraph=True)
+        lp_c = torch.compile(reference.logprob_math, fullgraph=True)
+        out["compile"] = (
+            lambda: step_c(x, v, *abc, noise, sde_type, "mean"),
+            _train_fn(lambda v_: lp_c(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
+            4,
+        )
+    if "fused" in names and device.type == "cuda":
+        coef, rng = case["coef"], case["rng"]
+        ops = torch.ops.sage_fast
+        out["fused"] = (
+            lambda: ops.sde_step(x, v, coef, noise, None, sde_type, "mean"),
+            _train_fn(lambda v_: ops.sde_logprob(x, v_, x_next, coef, v_ref, sde_type, "mean"), case, sde_type),
+            4,
+        )
+        out["fused-philox"] = (lambda: ops.sde_step(x, v, coef, None, rng, sde_type, "mean"), None, 3)
+    return out
+
+
+def peak_extra_memory(fn, device: torch.device, baseline_tensor_bytes: int) -> float | None:
+    """Peak memory allocated during fn beyond what was allocated before, in latent tensors."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / baseline_tensor_bytes
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, check=False).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    hardware = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        hardware += f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(device=str(device), hardware=hardware, torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, python=platform.python_version(), commit=commit + ("-dirty" if dirty else ""),
+                command=" ".join([Path(sys.executable).name] + sys.argv),
+                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def write_results(rows: list[dict], env: dict, copy_gbs: float, out_dir: Path, tag: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / tag
+    with open(stem.with_suffix(".json"), "w") as f:
+        json.dump(dict(environment=env, copy_bandwidth_gbs=copy_gbs, rows=rows), f, indent=1)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# SDE step bench: {env['hardware']}",
+        "",
+        f"{env['date']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; commit {env['commit']}",
+        f"`{env['command']}`",
+        "",
+        f"Measured copy bandwidth: {copy_gbs:.1f} GB/s. GB/s = bytes the fused op must move "
+        "(each latent-sized tensor once) / median time.",
+        "",
+        "| size | batch | dtype | sde_type | op | provider | median ms | min ms | max ms | GB/s | % copy | speedup vs eager | vs compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['dtype']} | {r['sde_type']} | {r['op']} | {r['provider']} | "
+            f"{r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | {r['gbs']:.1f} | {r['pct_copy']:.0f} | "
+            f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compile'] if r['speedup_vs_compile'] == '' else format(r['speedup_vs_compile'], '.2f')} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)} (default: 480p on cuda, authors on cpu)")
+    p.add_argument("--batch", type=int, default=None, help="samples per call (default: 8 on cuda, 4 on cpu)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--types", default=",".join(TYPES), help="comma list of SDE types")
+    p.add_argument("--providers", default="eager,compile,fused", help="comma list of eager, compile, fused")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default=None, help="file stem for the results (default: device and date)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, eager only, few repeats: a smoke test")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    gpu = device.type == "cuda"
+    if args.quick:
+        args.sizes, args.batch = args.sizes or "tiny", args.batch or 2
+        if args.providers == p.get_default("providers"):
+            args.providers = "eager"
+        args.warmup, args.repeats = args.warmup or 1, args.repeats or 3
+    sizes = (args.sizes or ("480p" if gpu else "authors")).split(",")
+    for s in sizes:
+        if s not in SIZES:
+            p.error(f"--sizes: unknown size {s!r}; allowed: {list(SIZES)}")
+    types = args.types.split(",")
+    for t in types:
+        if t not in TYPES:
+            p.error(f"--types: unknown SDE type {t!r}; allowed: {list(TYPES)}")
+    names = args.providers.split(",")
+    for n in names:
+        if n not in ("eager", "compile", "fused"):
+            p.error(f"--providers: unknown provider {n!r}; allowed: eager, compile, fused")
+    batch = args.batch or (8 if gpu else 4)
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+    dtype = DTYPES[dtype_name]
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    repeats = args.repeats if args.repeats is not None else (50 if gpu else 7)
+
+    env = environment(device)
+    copy_gbs = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20) if not args.quick else (8 << 20),
+                              warmup, repeats)
+    print(f"{env['hardware']} | torch {env['torch']} | copy bandwidth {copy_gbs:.1f} GB/s", flush=True)
+
+    rows = []
+    ctx = dispatch.use_backend("triton", "cuda") if gpu and "fused" in names else None
+    if ctx is not None:
+        ctx.__enter__()
+    try:
+        for size in sizes:
+            shape = (batch,) + SIZES[size]
+            numel = torch.Size(shape).numel()
+            elem = torch.empty((), dtype=dtype).element_size()
+            for sde_type in types:
+                case = make_case(sde_type, shape, dtype, device)
+                results = {}
+                for name, (rollout, train, passes) in providers(case, sde_type, device, names).items():
+                    for op, fn, n_passes in (("rollout", rollout, passes), ("train", train, 9)):
+                        if fn is None:
+                            continue
+                        times = time_fn(fn, device, warmup, repeats)
+                        med = statistics.median(times)
+                        extra = peak_extra_memory(fn, device, numel * elem) if op == "train" else None
+                        gbs = n_passes * numel * elem / med / 1e9
+                        results[(op, name)] = med
+                        rows.append(dict(size=size, batch=batch, dtype=dtype_name, sde_type=sde_type, op=op,
+                                         provider=name, numel=numel, median_ms=med * 1e3, min_ms=min(times) * 1e3,
+                                         max_ms=max(times) * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs,
+                                         extra_mem_latents="" if extra is None else round(extra, 2),
+                                         speedup_vs_eager=0.0, speedup_vs_compile=""))
+                        print(f"{size:8s} {sde_type:10s} {op:8s} {name:13s} {med * 1e3:9.3f} ms  {gbs:8.1f} GB/s "
+                              f"({100 * gbs / copy_gbs:4.0f}% copy)", flush=True)
+                for r in rows:
+                    if r["size"] == size and r["sde_type"] == sde_type:
+                        op = r["op"]
+                        if (op, "eager") in results:
+                            r["speedup_vs_eager"] = round(results[(op, "eager")] / (r["median_ms"] / 1e3), 3)
+                        if (op, "compile") in results:
+                            r["speedup_vs_compile"] = round(results[(op, "compile")] / (r["median_ms"] / 1e3), 3)
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    tag = args.tag or f"{'cuda-' + torch.cuda.get_device_name(device).replace(' ', '_') if gpu else 'cpu'}-" \
+                      f"{dt.date.today().isoformat()}{'-quick' if args.quick else ''}"
+    stem = write_results(rows, env, copy_gbs, Path(args.out), tag)
+    print(f"wrote {stem}.json/.csv/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
