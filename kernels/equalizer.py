@@ -28,6 +28,7 @@ __all__ = ["equalizer_update_triton", "MAX_STEPS"]
 
 MAX_STEPS = 256  # the [N, N] ranking matrix lives in registers (64k values at 256)
 _BLOCK_B = 128
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _equalizer_fwd_kernel(norm_ptr, step_ptr, ema_ptr, count_ptr, scale_ptr, B, 
         b_mask = b_idx < B
         g = tl.load(norm_ptr + b_idx, mask=b_mask, other=0.0).to(tl.float32)
         step = tl.load(step_ptr + b_idx, mask=b_mask, other=-1)
-        valid = b_mask & (g > 0.0) & (g < float("inf"))  # NaN fails both comparisons
+        valid = b_mask & (g > 0.0) & (g <= _FLT_MAX)  # NaN and inf fail: ignored
         match = (step[None, :] == n_idx[:, None]) & valid[None, :]  # [BLOCK_N, BLOCK_B]
         sums += tl.sum(tl.where(match, g[None, :], 0.0), axis=1)
         hits += tl.sum(match.to(tl.int32), axis=1)

@@ -41,8 +41,9 @@ __all__ = ["KERNEL_DTYPES", "sde_step_packed", "sde_logprob_packed", "sde_logpro
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = 8  # 4096 elements per program: 16 per thread, 32-byte bf16 loads per tensor
 _FIN_BLOCK_MAX = 1024
-_HALF_LOG_2PI = 0.9189385332046727  # 0.5 * log(2 pi)
-_KL_EPS = 1e-6
+# Globals read inside @triton.jit functions must be tl.constexpr (Triton refuses other globals).
+_HALF_LOG_2PI = tl.constexpr(0.9189385332046727)  # 0.5 * log(2 pi)
+_KL_EPS = tl.constexpr(1e-6)
 
 # -------------------------------------------------------------------------------------------
 # device helpers
