@@ -1,7 +1,8 @@
 # sage_fast developer entry points.
 #   make test    create the environment when missing, then run the test suite
 #   make bench   run bench/run.py on this machine
-# Environment: a venv at $(VENV) (default .venv). On a machine whose Python already has a CUDA
+# Environment: a venv at $(VENV) (default .venv); `make` also builds the C++ extension
+# sage_fast._C (SAGE_FAST_NO_EXT=1 skips it). On a machine whose Python already has a CUDA
 # torch, use it as is:  make test VENV_FLAGS=--system-site-packages  (torch is never replaced:
 # the CPU pins in constraints/cpu.txt apply only when the venv has no CUDA torch).
 
@@ -11,18 +12,26 @@ VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sage_fast-installed
 PYTEST_ARGS ?=
+# The extension sage_fast._C compiles against the installed torch, so the install runs without
+# build isolation and these build tools go into the environment first.
+BUILD_DEPS := setuptools cmake ninja
 
 .PHONY: test test-all bench env clean-env
 
 env: $(STAMP)
 
-$(STAMP): setup.py constraints/cpu.txt
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
+# (re)install when the build inputs change: editing csrc/ rebuilds the extension
+$(STAMP): setup.py CMakeLists.txt constraints/cpu.txt $(CSRC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 		echo "make: CUDA torch found in $(VENV); keeping it (no CPU pins)"; \
-		$(PY) -m pip install -q -e '.[dev]'; \
+		$(PY) -m pip install -q $(BUILD_DEPS) && \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation -e '.[dev]'; \
 	else \
-		$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'; \
+		$(PY) -m pip install -q -c constraints/cpu.txt torch $(BUILD_DEPS) && \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation -c constraints/cpu.txt -e '.[dev]'; \
 	fi
 	@touch $@
 
@@ -36,4 +45,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build

@@ -11,8 +11,9 @@ For every SDE type and provider it times
 and reports min / median / max time, effective GB/s (the bytes the fused op must move: each
 latent-sized tensor read or written once) and that as % of a measured device-copy bandwidth.
 Providers: `eager` (kernels/reference.py as is), `compile` (torch.compile of the same
-functions), `fused` (the Triton kernels; CUDA only: Triton runs on CPUs only in its
-interpreter, which is no speed).
+functions), `fused` (the engine's fused op for the device: the Triton kernels on CUDA, the C++
+op sage_fast._C on CPU; Triton runs on CPUs only in its interpreter, which is no speed), and
+on CUDA `twin` (the CUDA twin of the C++ op, when built).
 
 Results go to bench/results/ as JSON + CSV + a markdown table, named by device and date, with
 the hardware, versions, commit and command line.
@@ -21,6 +22,7 @@ the hardware, versions, commit and command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -117,7 +119,7 @@ def _train_fn(logprob, case, sde_type):
 
 
 def providers(case, sde_type, device, names):
-    """name -> (rollout callable or None, train callable or None, rollout bytes passes)."""
+    """name -> (rollout fn or None, train fn or None, rollout passes over a latent, backend or None)."""
     x, v, noise, x_next, v_ref, abc = (case[k] for k in ("x", "v", "noise", "x_next", "v_ref", "abc"))
     out = {}
     if "eager" in names:
@@ -125,6 +127,7 @@ def providers(case, sde_type, device, names):
             lambda: reference.step_math(x, v, *abc, noise, sde_type, "mean"),
             _train_fn(lambda v_: reference.logprob_math(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
             4,
+            None,
         )
     if "compile" in names:
         step_c = torch.compile(reference.step_math, fullgraph=True)
@@ -133,16 +136,23 @@ def providers(case, sde_type, device, names):
             lambda: step_c(x, v, *abc, noise, sde_type, "mean"),
             _train_fn(lambda v_: lp_c(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
             4,
+            None,
         )
-    if "fused" in names and device.type == "cuda":
+    fused = "triton" if device.type == "cuda" else "cpp"
+    for name, backend in (("fused", fused), ("twin", "cpp")):
+        if name not in names or backend not in dispatch.available_backends(device.type):
+            continue
+        if name == "twin" and device.type != "cuda":
+            continue
         coef, rng = case["coef"], case["rng"]
         ops = torch.ops.sage_fast
-        out["fused"] = (
+        out[name] = (
             lambda: ops.sde_step(x, v, coef, noise, None, sde_type, "mean"),
             _train_fn(lambda v_: ops.sde_logprob(x, v_, x_next, coef, v_ref, sde_type, "mean"), case, sde_type),
             4,
+            backend,
         )
-        out["fused-philox"] = (lambda: ops.sde_step(x, v, coef, None, rng, sde_type, "mean"), None, 3)
+        out[f"{name}-philox"] = (lambda: ops.sde_step(x, v, coef, None, rng, sde_type, "mean"), None, 3, backend)
     return out
 
 
@@ -161,6 +171,36 @@ def peak_extra_memory(fn, device: torch.device, baseline_tensor_bytes: int) -> f
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
+
+
+def bench_case(size, shape, dtype_name, sde_type, device, names, warmup, repeats, copy_gbs) -> list[dict]:
+    """Every provider x op for one latent size and SDE type; one result row each."""
+    numel = torch.Size(shape).numel()
+    elem = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    case = make_case(sde_type, shape, DTYPES[dtype_name], device)
+    rows, medians = [], {}
+    for name, (rollout, train, passes, backend) in providers(case, sde_type, device, names).items():
+        for op, fn, n_passes in (("rollout", rollout, passes), ("train", train, 9)):
+            if fn is None:
+                continue
+            with dispatch.use_backend(backend, device.type) if backend else contextlib.nullcontext():
+                times = time_fn(fn, device, warmup, repeats)
+                extra = peak_extra_memory(fn, device, numel * elem) if op == "train" else None
+            med = statistics.median(times)
+            gbs = n_passes * numel * elem / med / 1e9
+            medians[(op, name)] = med
+            rows.append(dict(size=size, batch=shape[0], dtype=dtype_name, sde_type=sde_type, op=op, provider=name,
+                             numel=numel, median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                             gbs=gbs, pct_copy=100 * gbs / copy_gbs,
+                             extra_mem_latents="" if extra is None else round(extra, 2),
+                             speedup_vs_eager="", speedup_vs_compile=""))
+            print(f"{size:8s} {sde_type:10s} {op:8s} {name:13s} {med * 1e3:9.3f} ms  {gbs:8.1f} GB/s "
+                  f"({100 * gbs / copy_gbs:4.0f}% copy)", flush=True)
+    for r in rows:
+        for base in ("eager", "compile"):
+            if (r["op"], base) in medians:
+                r[f"speedup_vs_{base}"] = round(medians[(r["op"], base)] / (r["median_ms"] / 1e3), 3)
+    return rows
 
 
 def environment(device: torch.device) -> dict:
@@ -195,6 +235,10 @@ def environment(device: torch.device) -> dict:
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
+def _fmt(value) -> str:
+    return value if value == "" else f"{value:.2f}"
+
+
 def write_results(rows: list[dict], env: dict, copy_gbs: float, out_dir: Path, tag: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / tag
@@ -220,7 +264,7 @@ def write_results(rows: list[dict], env: dict, copy_gbs: float, out_dir: Path, t
         lines.append(
             f"| {r['size']} | {r['batch']} | {r['dtype']} | {r['sde_type']} | {r['op']} | {r['provider']} | "
             f"{r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | {r['gbs']:.1f} | {r['pct_copy']:.0f} | "
-            f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compile'] if r['speedup_vs_compile'] == '' else format(r['speedup_vs_compile'], '.2f')} |"
+            f"{_fmt(r['speedup_vs_eager'])} | {_fmt(r['speedup_vs_compile'])} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem
@@ -233,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="samples per call (default: 8 on cuda, 4 on cpu)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--types", default=",".join(TYPES), help="comma list of SDE types")
-    p.add_argument("--providers", default="eager,compile,fused", help="comma list of eager, compile, fused")
+    p.add_argument("--providers", default="eager,compile,fused,twin", help="comma list of eager, compile, fused, twin")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -260,8 +304,8 @@ def main(argv=None) -> int:
             p.error(f"--types: unknown SDE type {t!r}; allowed: {list(TYPES)}")
     names = args.providers.split(",")
     for n in names:
-        if n not in ("eager", "compile", "fused"):
-            p.error(f"--providers: unknown provider {n!r}; allowed: eager, compile, fused")
+        if n not in ("eager", "compile", "fused", "twin"):
+            p.error(f"--providers: unknown provider {n!r}; allowed: eager, compile, fused, twin")
     batch = args.batch or (8 if gpu else 4)
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
     dtype = DTYPES[dtype_name]
@@ -274,43 +318,10 @@ def main(argv=None) -> int:
     print(f"{env['hardware']} | torch {env['torch']} | copy bandwidth {copy_gbs:.1f} GB/s", flush=True)
 
     rows = []
-    ctx = dispatch.use_backend("triton", "cuda") if gpu and "fused" in names else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
-        for size in sizes:
-            shape = (batch,) + SIZES[size]
-            numel = torch.Size(shape).numel()
-            elem = torch.empty((), dtype=dtype).element_size()
-            for sde_type in types:
-                case = make_case(sde_type, shape, dtype, device)
-                results = {}
-                for name, (rollout, train, passes) in providers(case, sde_type, device, names).items():
-                    for op, fn, n_passes in (("rollout", rollout, passes), ("train", train, 9)):
-                        if fn is None:
-                            continue
-                        times = time_fn(fn, device, warmup, repeats)
-                        med = statistics.median(times)
-                        extra = peak_extra_memory(fn, device, numel * elem) if op == "train" else None
-                        gbs = n_passes * numel * elem / med / 1e9
-                        results[(op, name)] = med
-                        rows.append(dict(size=size, batch=batch, dtype=dtype_name, sde_type=sde_type, op=op,
-                                         provider=name, numel=numel, median_ms=med * 1e3, min_ms=min(times) * 1e3,
-                                         max_ms=max(times) * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs,
-                                         extra_mem_latents="" if extra is None else round(extra, 2),
-                                         speedup_vs_eager=0.0, speedup_vs_compile=""))
-                        print(f"{size:8s} {sde_type:10s} {op:8s} {name:13s} {med * 1e3:9.3f} ms  {gbs:8.1f} GB/s "
-                              f"({100 * gbs / copy_gbs:4.0f}% copy)", flush=True)
-                for r in rows:
-                    if r["size"] == size and r["sde_type"] == sde_type:
-                        op = r["op"]
-                        if (op, "eager") in results:
-                            r["speedup_vs_eager"] = round(results[(op, "eager")] / (r["median_ms"] / 1e3), 3)
-                        if (op, "compile") in results:
-                            r["speedup_vs_compile"] = round(results[(op, "compile")] / (r["median_ms"] / 1e3), 3)
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+    for size in sizes:
+        for sde_type in types:
+            rows += bench_case(size, (batch,) + SIZES[size], dtype_name, sde_type, device, names, warmup, repeats,
+                               copy_gbs)
 
     tag = args.tag or f"{'cuda-' + torch.cuda.get_device_name(device).replace(' ', '_') if gpu else 'cpu'}-" \
                       f"{dt.date.today().isoformat()}{'-quick' if args.quick else ''}"

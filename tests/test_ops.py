@@ -21,9 +21,10 @@ def _setup(sde_type="sage_grpo", steps=(0, 9, 17), dtype=torch.float32, device="
     return x, v, a, b, c
 
 
-def test_cpu_default_backend_is_the_torch_reference():
-    assert dispatch.backend_for(torch.device("cpu")).name in ("torch", "triton")
-    assert dispatch._choose("cpu").name == "torch"
+def test_cpu_default_backend_is_the_cpp_op_when_built(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    want = "cpp" if dispatch.cpp_extension() is not None else "torch"
+    assert dispatch._choose("cpu").name == want
 
 
 def test_backend_choice_env_override_and_log(monkeypatch, caplog):
@@ -32,7 +33,7 @@ def test_backend_choice_env_override_and_log(monkeypatch, caplog):
         assert dispatch._choose("cuda").name == "torch"
     assert "cuda tensors -> torch backend" in caplog.text
     monkeypatch.setenv(dispatch.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=r"SAGE_FAST_KERNEL_BACKEND must be one of \('auto', 'triton', 'torch'\)"):
+    with pytest.raises(ValueError, match=r"SAGE_FAST_KERNEL_BACKEND must be one of \('auto', 'triton', 'cpp', 'torch'\)"):
         dispatch._choose("cpu")
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -44,7 +45,7 @@ def test_public_ops_equal_reference_on_each_backend(triton):
     x, v, a, b, c = _setup(device=KERNEL_DEVICE)
     v_ref = v + 0.1
     want_x, want_lp = reference.sde_step(x, v, a, b, c, sde_type="sage_grpo", seed=4, offset=9)
-    for name in ("torch", "triton"):
+    for name in dispatch.available_backends(KERNEL_DEVICE):
         with dispatch.use_backend(name, KERNEL_DEVICE):
             x_next, logp = K.sde_step(x, v, a, b, c, sde_type="sage_grpo", seed=4, offset=9)
             vv = v.clone().requires_grad_()
