@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerance import assert_within_baseline
+from tolerance import assert_training_op_matches_reference, assert_within_baseline
 
 from sage_fast.grpo import schedule
 from sage_fast.kernels import dispatch, pack_coefficients, philox_normal, reference
@@ -84,21 +84,8 @@ def test_training_forward_backward_matches_reference(ops, shape, dtype, sde_type
     logp, kl, grad_norm = ops.sde_logprob(x, v_new, x_next, coef, v_ref, sde_type, reduction)
     dv = ops.sde_logprob_backward(x, v_new, x_next, coef, v_ref, g_logp, g_kl, sde_type, reduction)
 
-    def run_reference(cast):
-        vv = cast(v_new).detach().requires_grad_()
-        outs = reference.sde_logprob(cast(x), vv, cast(x_next), *abc, sde_type=sde_type,
-                                     v_ref=None if v_ref is None else cast(v_ref), reduction=reduction)
-        ((g_logp.to(outs[0].dtype) * outs[0]).sum() + (g_kl.to(outs[1].dtype) * outs[1]).sum()).backward()
-        return outs, vv.grad
-
-    (s_logp, s_kl, s_norm), s_dv = run_reference(lambda t: t)
-    (r_logp, r_kl, r_norm), r_dv = run_reference(lambda t: t.double())
-    assert_within_baseline("logp", logp, s_logp, r_logp, torch.float32)
-    assert_within_baseline("kl", kl, s_kl, r_kl, torch.float32)
-    assert_within_baseline("grad_norm", grad_norm, s_norm, r_norm, torch.float32)
-    scale = float(r_dv.abs().max())
-    assert dv.dtype == dtype
-    assert_within_baseline("dv", dv / scale, s_dv / scale, r_dv / scale, dtype)
+    assert_training_op_matches_reference((logp, kl, grad_norm, dv), x, v_new, x_next, abc, v_ref, g_logp, g_kl,
+                                         sde_type, reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

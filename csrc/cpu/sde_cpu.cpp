@@ -24,6 +24,7 @@
 #include <string>
 #include <tuple>
 
+#include "../op_args.h"
 #include "../step_math.h"
 
 namespace sage_fast {
@@ -42,19 +43,6 @@ inline float lane_sum(float* acc) {
     for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
   return acc[0];
-}
-
-struct StepFlags {
-  bool gaussian;
-  bool mean;
-};
-
-StepFlags parse_flags(c10::string_view sde_type, c10::string_view reduction) {
-  const std::string type(sde_type), red(reduction);
-  TORCH_CHECK(type == "sage_grpo" || type == "flow_grpo" || type == "dance_grpo" || type == "cps" || type == "ode",
-              "sde_type must be one of sage_grpo, flow_grpo, dance_grpo, cps, ode; got ", type);
-  TORCH_CHECK(red == "mean" || red == "sum", "reduction must be one of mean, sum; got ", red);
-  return {type != "cps", red == "mean"};
 }
 
 void check_latent(const Tensor& t, const char* name, const Tensor& x) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "../op_args.h"
 #include "../step_math.h"
 #include "sde_kernels.h"
 
@@ -43,14 +44,6 @@ void check_common(const Tensor& x, const Tensor& coef) {
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == 3 && coef.size(1) == x.size(0) &&
                   coef.is_contiguous() && coef.device() == x.device(),
               "coef must be a contiguous float32 [3, B] tensor (rows a, b, c) on x's device");
-}
-
-std::pair<bool, bool> parse_flags(c10::string_view sde_type, c10::string_view reduction) {
-  const std::string type(sde_type), red(reduction);
-  TORCH_CHECK(type == "sage_grpo" || type == "flow_grpo" || type == "dance_grpo" || type == "cps" || type == "ode",
-              "sde_type must be one of sage_grpo, flow_grpo, dance_grpo, cps, ode; got ", type);
-  TORCH_CHECK(red == "mean" || red == "sum", "reduction must be one of mean, sum; got ", red);
-  return {type != "cps", red == "mean"};
 }
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "CUDA launch failed: ", cudaGetErrorString(err)); }
