@@ -211,6 +211,8 @@ def environment(device: torch.device) -> dict:
                                     capture_output=True, text=True, check=False).stdout.strip())
     except OSError:
         commit, dirty = "unknown", False
+    if commit == "unknown":  # a copy of the tree without .git (the GPU machine): the caller says
+        commit = os.environ.get("SAGE_FAST_COMMIT", "unknown")
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:

@@ -212,3 +212,33 @@ def test_cuda_twin_compiles_without_a_gpu(tmp_path):
                            "-I", str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda" / "sde_cuda.cpp")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sde_type", ["sage_grpo", "cps"])
+def test_cuda_twin_matches_triton_and_reference(ops, sde_type):
+    if not dispatch._cpp_has_cuda():
+        pytest.skip("sage_fast._C was built without its CUDA twin")
+    from sage_fast.kernels import sde
+
+    shape = (3, 32, 21, 30, 53)
+    g = torch.Generator().manual_seed(0)
+    x, v, noise = (torch.randn(shape, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    abc, coef = _coef(sde_type, [0, 9, 18], x)
+    rng = torch.tensor([7, 0], device="cuda")
+    for given in (noise, None):
+        twin = ops.sde_step(x, v, coef, given, None if given is not None else rng, sde_type, "mean")
+        fused = sde.sde_step_packed(x, v, coef, given, None if given is not None else rng, sde_type, "mean")
+        eps = given if given is not None else philox_normal(x.numel(), 7, 0, "cuda").view(shape)
+        same = reference.sde_step(x, v, *abc, sde_type=sde_type, noise=eps)
+        exact = reference.sde_step(x.double(), v.double(), *abc, sde_type=sde_type, noise=eps.double())
+        for got in (twin, fused):
+            assert_within_baseline("x_next", got[0], same[0], exact[0], torch.bfloat16)
+            assert_within_baseline("logp", got[1], same[1], exact[1], torch.float32)
+    x_next = twin[0]
+    v_ref = (v.float() + 0.01).to(torch.bfloat16)
+    lp, kl, norm = ops.sde_logprob(x, v, x_next, coef, v_ref, sde_type, "mean")
+    assert torch.equal(lp, twin[1])  # the twin's rollout == its recompute, bitwise
+    ones = torch.ones(3, device="cuda")
+    dv = ops.sde_logprob_backward(x, v, x_next, coef, v_ref, ones, ones, sde_type, "mean")
+    assert_training_op_matches_reference((lp, kl, norm, dv), x, v, x_next, abc, v_ref, ones, ones, sde_type, "mean")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (issue 7; ../shared/gpu/README.md). From this machine, with the device
+# tool's `run` (the command is at most 2000 characters):
+#   SAGE_FAST_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_validate.sh "$OUT"
+# It builds sage_fast._C with the CUDA twin against the device's torch, runs the `gpu`-marked
+# tests and the kernel test files natively, then bench/run.py on CUDA at the real latent sizes.
+# Logs and results land in $OUT (8 files at most come back); copy them to bench/results/.
+set -uo pipefail
+OUT=${1:?usage: gpu_validate.sh OUT_DIR}
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then  # wheels carried for packages the device lacks
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  echo "commit ${SAGE_FAST_COMMIT:-unknown}"
+} > "$OUT/env.txt" 2>&1
+if ! SAGE_FAST_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/test_kernels_sde.py tests/test_cpp_ops.py tests/test_ops.py \
+  tests/test_noise.py tests/test_equalizer.py > "$OUT/pytest-kernels.log" 2>&1
+tail -3 "$OUT/pytest-kernels.log"
+python3 bench/run.py --device cuda --sizes authors,480p,720p --out "$OUT" --tag bench-cuda 2>&1 | tail -40
