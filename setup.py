@@ -89,6 +89,11 @@ setup(
         "numpy>=1.24",
         # Triton kernels: native on CUDA, interpreter-only on CPUs (tests)
         "triton>=3.0; platform_system == 'Linux'",
+        # models: the HunyuanVideo-1.5 class (its forward is version-sensitive: 0.42 tested),
+        # LoRA, local checkpoints
+        "diffusers>=0.42",
+        "peft>=0.17",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10"],

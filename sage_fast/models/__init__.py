@@ -1,0 +1,14 @@
+"""Model adapters. `hunyuan_video15`: the HunyuanVideo-1.5 transformer (diffusers class
+`HunyuanVideo15Transformer3DModel`) behind `VelocityModel.velocity(latents, timestep,
+conditioning, cfg_scale)`; `configs`: its architectures by name (`hunyuanvideo15`, `tiny`)."""
+
+from .configs import ARCHITECTURES, architecture
+from .hunyuan_video15 import (AUTOCAST_DTYPES, DEFAULT_LORA_TARGETS, FINETUNE_MODES, Conditioning, TextEmbeddings,
+                              VelocityModel, VelocityModelConfig, apply_lora, build_transformer,
+                              build_velocity_model, load_transformer, random_conditioning)
+
+__all__ = [
+    "ARCHITECTURES", "architecture", "AUTOCAST_DTYPES", "DEFAULT_LORA_TARGETS", "FINETUNE_MODES",
+    "Conditioning", "TextEmbeddings", "VelocityModel", "VelocityModelConfig", "apply_lora",
+    "build_transformer", "build_velocity_model", "load_transformer", "random_conditioning",
+]

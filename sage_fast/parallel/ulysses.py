@@ -1,0 +1,153 @@
+"""Ulysses sequence parallelism for the HunyuanVideo-1.5 transformer.
+
+Owns: splitting the video tokens over the ranks of the `sp` axis, the all-to-alls around the
+joint attention, and the gather of the output; the model code never sees a process group.
+
+Data layout with W ranks and S video tokens (S = T*H*W after 1x1x1 patching; 33,390 at
+480p, 81 frames), padded to S_pad = W * ceil(S / W):
+
+    x_embedder output [B, S, C]            -> pad with zero tokens, keep rank r's contiguous
+                                              chunk [B, S_pad/W, C]  (`shard_tokens`)
+    rope (cos, sin) [S, D]                 -> the same padding and chunk: `ShardedRope`
+    attention (processor)  q/k/v [B, S_pad/W, H, D]
+                           -> all-to-all: heads scattered, tokens gathered [B, S_pad, H/W, D]
+                           -> padding tokens dropped: [B, S, H/W, D]; the text tokens
+                              (replicated on every rank) keep this rank's heads [B, L, H/W, D]
+                           -> attention over [video S | text L] for H/W heads
+                           -> video output re-padded, all-to-all back [B, S_pad/W, H, D];
+                              text output all-gathered over heads [B, L, H, D]
+    proj_out output [B, S_pad/W, C_out]    -> all-gather of the tokens, padding dropped [B, S, C_out]
+
+Everything between x_embedder and proj_out works per token except attention, so padding
+tokens never mix into real ones (they are dropped before attention) and carry no gradient.
+Gradients follow `collectives.py`: every rank of an sp group computes the loss on the
+gathered output, and parameter gradients averaged over the group (FSDP2 / DDP over the
+flattened dp x sp mesh) equal the single-process gradients (tested: tests/test_parallel.py).
+
+Hooks, not wrappers: the three modules are hooked in place, so parameter names (checkpoints,
+FSDP, LoRA) do not change. Apply sequence parallelism after LoRA: a LoRA layer on proj_out
+would add its delta after the gather. Requires heads divisible by W.
+
+Leaves to others: the attention kernel (`sage_fast.attention`), the mesh (`mesh.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .collectives import all_gather, all_to_all
+
+__all__ = ["ShardedRope", "UlyssesGroup", "apply_sequence_parallel", "remove_sequence_parallel"]
+
+
+class ShardedRope(NamedTuple):
+    """This rank's chunk of the RoPE tables plus the true (unpadded) number of video tokens.
+
+    The transformer passes its rope output to every attention call untouched, so the
+    processor learns S from here without any shared state (safe under activation
+    checkpointing, which re-runs blocks during backward).
+    """
+
+    cos: torch.Tensor  # [S_pad / W, D]
+    sin: torch.Tensor  # [S_pad / W, D]
+    num_video_tokens: int  # S, before padding
+
+
+class UlyssesGroup:
+    """The sp process group and the token/head layout operations over it (see module doc)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def padded(self, num_tokens: int) -> int:
+        return self.world * math.ceil(num_tokens / self.world)
+
+    def shard_tokens(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Zero-pad `dim` to a multiple of W and keep this rank's contiguous chunk."""
+        n = x.shape[dim]
+        pad = self.padded(n) - n
+        if pad:
+            widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]  # F.pad counts from the last dim
+            x = F.pad(x, widths)
+        return x.chunk(self.world, dim=dim)[self.rank]
+
+    def gather_tokens(self, x: torch.Tensor, num_tokens: int, dim: int) -> torch.Tensor:
+        """All-gather the chunks along `dim` (backward: reduce-scatter) and drop the padding."""
+        return all_gather(x, self.group, dim).narrow(dim, 0, num_tokens)
+
+    def tokens_to_heads(self, x_bshd: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """[B, S_pad/W, H, D] -> [B, S, H/W, D]: heads scattered, tokens gathered, padding dropped."""
+        if x_bshd.shape[2] % self.world:
+            raise ValueError(f"sequence parallel needs heads divisible by sp={self.world}, "
+                             f"got {x_bshd.shape[2]} heads")
+        return all_to_all(x_bshd, self.group, scatter_dim=2, gather_dim=1)[:, :num_tokens]
+
+    def heads_to_tokens(self, x_bshd: torch.Tensor) -> torch.Tensor:
+        """[B, S, H/W, D] -> [B, S_pad/W, H, D]: re-padded, tokens scattered, heads gathered."""
+        pad = self.padded(x_bshd.shape[1]) - x_bshd.shape[1]
+        if pad:
+            x_bshd = F.pad(x_bshd, (0, 0, 0, 0, 0, pad))
+        return all_to_all(x_bshd, self.group, scatter_dim=1, gather_dim=2)
+
+    def local_heads(self, x_bshd: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of a replicated [B, L, H, D] (no communication)."""
+        return x_bshd.chunk(self.world, dim=2)[self.rank]
+
+    def gather_heads(self, x_bshd: torch.Tensor) -> torch.Tensor:
+        """[B, L, H/W, D] -> [B, L, H, D] replicated (backward: reduce-scatter)."""
+        return all_gather(x_bshd, self.group, dim=2)
+
+
+def apply_sequence_parallel(transformer: torch.nn.Module, group, backend=None) -> UlyssesGroup:
+    """Make `transformer` (a diffusers HunyuanVideo15Transformer3DModel) sequence parallel.
+
+    group: the sp process group (e.g. `mesh["sp"].get_group()`). backend: the attention
+    backend; None keeps the one already installed by `sage_fast.attention.install_attention`
+    (or picks `auto`). Every rank of the group must then get the same inputs; each returns the
+    full output. A group of size 1 changes nothing but the processor.
+    """
+    from sage_fast.attention import processor as attn_proc  # noqa: PLC0415 (no import cycle at load)
+
+    if getattr(transformer, "_sage_fast_sp_handles", None):
+        raise ValueError("apply_sequence_parallel: this transformer is already sequence parallel")
+    sp = UlyssesGroup(group)
+    heads = transformer.config.num_attention_heads
+    if heads % sp.world:
+        raise ValueError(f"sequence parallel size {sp.world} must divide num_attention_heads={heads}")
+    state = {}
+
+    def shard_embed(module, args, out_bsc):
+        state["num_video_tokens"] = out_bsc.shape[1]  # read by gather_out in the same forward
+        return sp.shard_tokens(out_bsc, dim=1)
+
+    def shard_rope(module, args, out):
+        cos_sd, sin_sd = out
+        return ShardedRope(sp.shard_tokens(cos_sd, 0), sp.shard_tokens(sin_sd, 0), cos_sd.shape[0])
+
+    def gather_out(module, args, out_bsc):
+        return sp.gather_tokens(out_bsc, state["num_video_tokens"], dim=1)
+
+    transformer._sage_fast_sp_handles = [
+        transformer.x_embedder.register_forward_hook(shard_embed),
+        transformer.rope.register_forward_hook(shard_rope),
+        transformer.proj_out.register_forward_hook(gather_out),
+    ]
+    attn_proc.install_attention(transformer, backend=backend, sequence_parallel=sp)
+    return sp
+
+
+def remove_sequence_parallel(transformer: torch.nn.Module) -> None:
+    """Undo `apply_sequence_parallel` (hooks removed, processors back to single-rank)."""
+    from sage_fast.attention import processor as attn_proc  # noqa: PLC0415
+
+    for handle in getattr(transformer, "_sage_fast_sp_handles", None) or ():
+        handle.remove()
+    transformer._sage_fast_sp_handles = None
+    attn_proc.install_attention(transformer, backend=None, sequence_parallel=None)

@@ -1,0 +1,51 @@
+"""Data-parallel wrapping: FSDP2 (`fully_shard`) per double-stream block, or DDP.
+
+Owns: how the policy's parameters are sharded and its gradients reduced. Both average
+gradients over every rank of the mesh (dp x sp); with Ulysses that average is what makes
+the sp ranks' gradients equal the single-process one (`collectives.py`).
+
+FSDP2 keeps float32 sharded master parameters; `param_dtype` (e.g. torch.bfloat16) makes it
+all-gather and compute in that dtype, `reduce_dtype` float32 keeps gradient reduction exact
+to float32. The authors' recipe (SPEC section 7) keeps fp32 parameters under bf16 autocast,
+which is the default here (param_dtype None).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mesh import flat_mesh
+
+__all__ = ["wrap_fsdp2", "wrap_ddp"]
+
+
+def wrap_fsdp2(transformer: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype = torch.float32, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `transformer` (in place) with FSDP2 over the flattened dp x sp mesh.
+
+    One FSDP unit per double-stream block (54 at full size: one all-gather per block keeps
+    the peak at one block's unsharded weights), then the root for everything else.
+    mesh: a (dp, sp) DeviceMesh from `build_mesh` or a 1-D mesh. Returns `transformer`.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+
+    if mesh.ndim == 2:
+        mesh = flat_mesh(mesh)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in transformer.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(transformer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return transformer
+
+
+def wrap_ddp(module: nn.Module, mesh, **ddp_kwargs) -> nn.Module:
+    """DistributedDataParallel over the flattened dp x sp mesh's process group."""
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    if mesh.ndim == 2:
+        mesh = flat_mesh(mesh)
+    device_ids = None
+    if torch.cuda.is_available() and next(module.parameters()).is_cuda:
+        device_ids = [torch.cuda.current_device()]
+    return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=device_ids, **ddp_kwargs)
