@@ -1,0 +1,164 @@
+"""Rollouts: sample trajectories with the stochastic sampler and record what training needs.
+
+Owns: the denoising loop of one rollout batch, its noise addressing, and the record
+(`Trajectory`): the latent before every step and the log-prob of every transition.
+
+    x_0 = initial noise;  for t in 0..N-1:  v = policy(x_t, 1000 sigma_t, cond, cfg)
+                                            x_{t+1}, logp_t = sde_step(x_t, v, a_t, b_t, c_t)
+
+Steps inside the SDE window are stochastic (`sde_type`), the others deterministic (`ode`,
+logp = 0, never trained), MixGRPO-style.
+
+Noise addressing (reproducible, and independent of how the global batch is split over ranks
+or micro-batches): one Philox seed per epoch (`epoch_seed(base_seed, epoch)`), and the
+element d of global sample g at step t (t = N for the initial noise) sits at counter
+
+    ((t * total_samples) + g) * D + d            D = elements per sample
+
+so the rollout of a sample depends only on (base seed, epoch, its global index), never on its
+neighbours: 2 ranks of B samples draw exactly the noise of 1 rank of 2B. Every prompt's G
+samples are distinct global indices, so they explore differently (the authors' seeds repeated
+across prompts and epochs: SPEC defect 6).
+
+The loop is eager for now. The step op takes its coefficients and Philox (seed, offset) as
+device tensors, which is what a CUDA-graph capture of the step body will need (issue 6).
+
+Leaves to others: the policy (sage_fast.models), rewards, which steps are trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from sage_fast.grpo import schedule
+from sage_fast.kernels import philox_normal, sde_logprob
+
+__all__ = ["SamplerConfig", "Trajectory", "RolloutEngine", "epoch_seed"]
+
+
+
+def epoch_seed(base_seed: int, epoch: int) -> int:
+    """A 63-bit Philox seed for (base_seed, epoch): distinct epochs draw unrelated noise."""
+    digest = hashlib.blake2b(f"sage_fast/rollout/{int(base_seed)}/{int(epoch)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 20
+    """Denoising steps N (HunyuanVideo-1.5 480p t2v: 20 for GRPO rollouts, SPEC section 1)."""
+    shift: float = 5.0
+    """Schedule shift s (480p: 5, 720p: 9)."""
+    sde_type: str = "sage_grpo"
+    """Step type inside the SDE window: sage_grpo, flow_grpo, dance_grpo or cps."""
+    eta: float = 0.5
+    """Noise level of the SDE steps (>= 0)."""
+    sde_window: tuple[int, int] | None = None
+    """Stochastic steps [start, end); None = all N. Steps outside are deterministic (ode)."""
+    cfg_scale: float = 6.0
+    """Classifier-free guidance scale of the rollout (authors: 6.0; 1 = no guidance)."""
+
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be an int >= 1, got {self.num_steps!r}")
+        if self.sde_type not in schedule.SDE_TYPES or self.sde_type == "ode":
+            raise ValueError(f"sampler.sde_type must be one of {tuple(t for t in schedule.SDE_TYPES if t != 'ode')}, "
+                             f"got {self.sde_type!r}")
+        if not self.eta >= 0:
+            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+        if not self.shift > 0:
+            raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if not 0 <= start < end <= self.num_steps:
+                raise ValueError(f"sampler.sde_window must be [start, end) with 0 <= start < end <= num_steps="
+                                 f"{self.num_steps}, got {self.sde_window}")
+            self.sde_window = (int(start), int(end))
+
+    def stochastic_steps(self) -> list[int]:
+        start, end = self.sde_window or (0, self.num_steps)
+        return list(range(start, end))
+
+    def step_types(self) -> list[str]:
+        sto = set(self.stochastic_steps())
+        return [self.sde_type if t in sto else "ode" for t in range(self.num_steps)]
+
+
+@dataclass
+class Trajectory:
+    """One rollout batch. Index t = step (0 = pure noise)."""
+
+    latents: torch.Tensor  # [N + 1, B, C, T, H, W] in the latent dtype: state before step t (t = N: final)
+    logp_old: torch.Tensor  # [N, B] float32; 0 at deterministic steps
+    coef: torch.Tensor  # [N, 3, B] float64 (a, b, c) of every step
+    step_types: list[str]  # [N]
+    first_sample: int  # global index of sample 0
+    seed: int  # the Philox seed the noise came from
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[-1]
+
+
+class RolloutEngine:
+    """Samples trajectories of `policy(latents, timestep, conditioning, cfg_scale) -> velocity`."""
+
+    def __init__(self, policy, sampler: SamplerConfig, *, latent_dtype: torch.dtype = torch.float32) -> None:
+        self.policy, self.cfg, self.latent_dtype = policy, sampler, latent_dtype
+        self.sigmas = schedule.sigmas(sampler.num_steps, sampler.shift)
+        self.types = sampler.step_types()
+
+    def coefficients(self, batch: int) -> torch.Tensor:
+        """[N, 3, B] float64 (a, b, c) of every step for a batch (every sample at the same step)."""
+        rows = []
+        for t, sde_type in enumerate(self.types):
+            a, b, c = schedule.step_coefficients(self.sigmas, torch.full((batch,), t, dtype=torch.int64), sde_type,
+                                                 self.cfg.eta)
+            rows.append(torch.stack([a, b, c]))
+        return torch.stack(rows)
+
+    def initial_noise(self, shape, seed: int, first_sample: int, total_samples: int, device) -> torch.Tensor:
+        per_sample = int(torch.Size(shape[1:]).numel())
+        offset = (self.cfg.num_steps * total_samples + first_sample) * per_sample
+        return philox_normal(int(torch.Size(shape).numel()), seed, offset, device).view(shape).to(self.latent_dtype)
+
+    @torch.no_grad()
+    def sample(self, conditioning, shape, *, seed: int, first_sample: int = 0, total_samples: int | None = None,
+               device="cpu") -> Trajectory:
+        """Roll out B = shape[0] samples with global indices [first_sample, first_sample + B).
+
+        total_samples: the global number of samples of this rollout (all ranks); default B.
+        """
+        batch = shape[0]
+        total = batch if total_samples is None else total_samples
+        if first_sample < 0 or first_sample + batch > total:
+            raise ValueError(f"samples [{first_sample}, {first_sample + batch}) must lie in [0, {total})")
+        n = self.cfg.num_steps
+        per_sample = int(torch.Size(shape[1:]).numel())
+        coef = self.coefficients(batch)
+        coef_dev = coef.to(device=device, dtype=torch.float32)
+        latents = torch.empty((n + 1,) + tuple(shape), dtype=self.latent_dtype, device=device)
+        latents[0] = self.initial_noise(shape, seed, first_sample, total, device)
+        logp = torch.zeros(n, batch, dtype=torch.float32, device=device)
+        rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+        for t in range(n):
+            rng[1] = (t * total + first_sample) * per_sample
+            timestep = (1000.0 * self.sigmas[t]).to(torch.float32).expand(batch).to(device)
+            v = self.policy(latents[t], timestep, conditioning, self.cfg.cfg_scale).to(self.latent_dtype)
+            x_next, lp = torch.ops.sage_fast.sde_step(latents[t], v.contiguous(), coef_dev[t].contiguous(), None, rng,
+                                                      self.types[t], "mean")
+            latents[t + 1] = x_next
+            logp[t] = lp
+        return Trajectory(latents=latents, logp_old=logp, coef=coef, step_types=list(self.types),
+                          first_sample=first_sample, seed=seed)
+
+    def recompute_logprob(self, traj: Trajectory, t: int, velocity: torch.Tensor, v_ref=None):
+        """Training-time (logp, kl, grad_norm) of step t of `traj` under `velocity` ([B, ...])."""
+        if self.types[t] == "ode":
+            raise ValueError(f"step {t} is deterministic (outside the SDE window): it has no log-prob")
+        a, b, c = traj.coef[t]
+        return sde_logprob(traj.latents[t], velocity.to(traj.latents.dtype).contiguous(), traj.latents[t + 1], a, b, c, sde_type=self.types[t],
+                           v_ref=v_ref)
