@@ -1,4 +1,6 @@
 # sage_fast developer entry points.
+#   make train   create the environment when missing, then run the default recipe (tiny_world) into
+#                runs/tiny_world/<date-time>  (TRAIN_ARGS="section.field=value ..." to override)
 #   make test    create the environment when missing, then run the test suite
 #   make bench   run bench/run.py on this machine
 # Environment: a venv at $(VENV) (default .venv); `make` also builds the C++ extension
@@ -16,7 +18,9 @@ PYTEST_ARGS ?=
 # build isolation and these build tools go into the environment first.
 BUILD_DEPS := setuptools cmake ninja
 
-.PHONY: test test-all bench env clean-env
+TRAIN_ARGS ?=
+
+.PHONY: train test test-all bench env clean-env
 
 env: $(STAMP)
 
@@ -34,6 +38,9 @@ $(STAMP): setup.py CMakeLists.txt constraints/cpu.txt $(CSRC)
 		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation -c constraints/cpu.txt -e '.[dev]'; \
 	fi
 	@touch $@
+
+train: $(STAMP)
+	$(PY) -m sage_fast.train --recipe tiny_world run.output_dir=runs/tiny_world/$$(date +%Y%m%d-%H%M%S) $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests

@@ -94,6 +94,13 @@ setup(
         "diffusers>=0.42",
         "peft>=0.17",
         "safetensors>=0.4",
+        # trainer: progress, TensorBoard, sample videos (imageio-ffmpeg ships ffmpeg), the end plot
+        "tqdm>=4.60",
+        "tensorboard>=2.10",
+        "imageio>=2.30",
+        "imageio-ffmpeg>=0.4",
+        "matplotlib>=3.7",
+        "pillow>=9",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10"],

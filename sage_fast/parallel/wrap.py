@@ -48,4 +48,7 @@ def wrap_ddp(module: nn.Module, mesh, **ddp_kwargs) -> nn.Module:
     device_ids = None
     if torch.cuda.is_available() and next(module.parameters()).is_cuda:
         device_ids = [torch.cuda.current_device()]
+    # The last double-stream block's text branch feeds nothing; without find_unused_parameters DDP
+    # silently skips the all-reduce of every bucket holding such a parameter (docs/LOG.md).
+    ddp_kwargs.setdefault("find_unused_parameters", True)
     return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=device_ids, **ddp_kwargs)

@@ -1,0 +1,127 @@
+"""What a run records: per-phase timers, per-timestep statistics, JSONL and TensorBoard.
+
+Owns the formats: `metrics.jsonl` holds one JSON object per iteration (and per evaluation, with
+`"kind": "eval"`), flat `section/name` keys plus a `per_step` table {name: {step: mean}};
+TensorBoard gets the same scalars (per-step tables as `per_step/<name>/<step>`). Only rank 0
+writes. On resume, lines of iterations after the checkpoint are dropped (they will be redone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+__all__ = ["PhaseTimer", "PerStepStats", "MetricsWriter"]
+
+log = logging.getLogger("sage_fast.metrics")
+
+
+class PhaseTimer:
+    """`with timer("rollout"): ...` accumulates wall seconds per phase (CUDA synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _Phase:
+    def __init__(self, timer: PhaseTimer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.timer._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer._sync()
+        self.timer.seconds[self.name] += time.perf_counter() - self.start
+        return False
+
+
+class PerStepStats:
+    """Means of named per-pair quantities grouped by the pair's step index."""
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = torch.zeros(num_steps, dtype=torch.float64)
+
+    def add(self, step_t: torch.Tensor, **values: torch.Tensor) -> None:
+        idx = step_t.detach().cpu().long()
+        self.counts.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+        for name, value in values.items():
+            total = self.sums.setdefault(name, torch.zeros(self.num_steps, dtype=torch.float64))
+            total.index_add_(0, idx, value.detach().cpu().double().reshape(-1))
+
+    def summary(self) -> dict[str, dict[int, float]]:
+        seen = self.counts > 0
+        return {name: {int(t): float(total[t] / self.counts[t]) for t in torch.nonzero(seen).flatten().tolist()}
+                for name, total in self.sums.items()}
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float, bool)):
+            flat[name] = float(value)
+    return flat
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            except ImportError as err:
+                log.warning("TensorBoard logging off: %s (pip install tensorboard)", err)
+            else:
+                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records of iterations > `iteration` (they are redone after a resume)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = int(record.get("iteration", 0))
+            for name, value in _flatten(record).items():
+                if name != "iteration":
+                    self.tb.add_scalar(f"{kind}/{name}" if kind != "train" else name, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

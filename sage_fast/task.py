@@ -1,0 +1,79 @@
+"""What the trainer needs from a task, and the synthetic world as one.
+
+A task gives the trainer: the training and evaluation prompts, their conditioning for the
+policy (with the negative prompt for CFG), the latent shape of one sample, the decoder from
+latents to videos, the reward (named dimensions and a weighted total; NaN marks a failed
+sample, never 0), and optionally a manifold distance (how far a video is from the data).
+
+Leaves to others: the world itself (sage_fast.world), the policy (sage_fast.models).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RewardResult", "WorldTask"]
+
+log = logging.getLogger("sage_fast.task")
+
+
+@dataclass
+class RewardResult:
+    total_b: torch.Tensor  # [B] float32, NaN = failed
+    scores: dict[str, torch.Tensor]  # name -> [B]
+    error: str | None = None  # why the whole batch failed, if it did
+
+
+class WorldTask:
+    """The synthetic video world (sage_fast.world) behind the task interface."""
+
+    def __init__(self, world_cfg, transformer_config, device="cpu") -> None:
+        from sage_fast.world import codec, prompts, rewards  # noqa: PLC0415
+
+        self.cfg, self.device = world_cfg, device
+        self._codec = codec
+        if world_cfg.prompt_file is not None:
+            self.train_prompts = [row["prompt"] for row in prompts.read_prompts(world_cfg.prompt_file)]
+        else:
+            self.train_prompts, _ = prompts.sample_prompts(world_cfg.num_train_prompts, seed=world_cfg.prompt_seed,
+                                                           two_object_prob=world_cfg.two_object_prob)
+        self.eval_prompts, _ = prompts.sample_prompts(world_cfg.num_eval_prompts, seed=world_cfg.prompt_seed + 1,
+                                                      two_object_prob=world_cfg.two_object_prob)
+        if not self.train_prompts:
+            raise ValueError("world: no training prompts")
+        self.encoder = prompts.WorldTextEncoder.for_model(transformer_config, seed=world_cfg.text_seed, device=device)
+        weights = world_cfg.reward_weights
+        if weights.strip().startswith("{"):
+            weights = json.loads(weights)
+        self.reward_fn = rewards.WorldReward(weights)
+        self.latent_shape = codec.latent_shape(world_cfg.frames, world_cfg.height, world_cfg.width)
+        channels = transformer_config.out_channels
+        if self.latent_shape[0] != channels:
+            raise ValueError(f"world latents have {self.latent_shape[0]} channels but the model has out_channels="
+                             f"{channels}: use the world's base model (or a codec patch that matches)")
+
+    def conditioning(self, prompt_list: list[str]):
+        return self.encoder.conditioning(list(prompt_list), negative=True)
+
+    def decode(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        return self._codec.decode(latents_bcthw.float())
+
+    def reward(self, video_bcfhw: torch.Tensor, prompt_list: list[str]) -> RewardResult:
+        """Never raises for a bad sample: a failure becomes NaN rows and is reported."""
+        try:
+            out = self.reward_fn(video_bcfhw, list(prompt_list))
+            return RewardResult(total_b=out.total.float(), scores={k: v.float() for k, v in out.scores.items()})
+        except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
+            log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
+            nan = torch.full((video_bcfhw.shape[0],), float("nan"))
+            return RewardResult(total_b=nan, scores={}, error=f"{type(err).__name__}: {err}")
+
+    def manifold_distance(self, video_bcfhw: torch.Tensor) -> torch.Tensor | None:
+        from sage_fast import world  # noqa: PLC0415
+
+        fn = getattr(world, "manifold_distance", None)
+        return None if fn is None else fn(video_bcfhw)

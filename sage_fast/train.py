@@ -1,0 +1,195 @@
+"""Entry point: `torchrun [--nproc_per_node N] -m sage_fast.train [--recipe NAME] [section.field=value ...]`.
+
+Also `python -m sage_fast.train` (one process). Examples:
+
+    python -m sage_fast.train                                   # the tiny_world recipe
+    python -m sage_fast.train sampler.sde_type=flow_grpo grpo.kl_mode=none run.output_dir=runs/flow
+    python -m sage_fast.train --resume run.output_dir=runs/tiny_world/20261122-0700
+    python -m sage_fast.train --help-config                     # every field, its default and meaning
+
+Before any work: the config is validated (errors name the field and the allowed values), and
+the run folder is checked: an existing run is never overwritten without `--resume` or
+`--overwrite`, and `--resume` needs a checkpoint there. The resolved config is saved as
+`config.json` in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "build_config", "prepare_run_dir"]
+
+log = logging.getLogger("sage_fast.train")
+
+
+def build_config(argv: list[str]):
+    from sage_fast import config as C  # noqa: PLC0415
+    from sage_fast import train_config  # noqa: F401, PLC0415  (registers the recipes)
+
+    parser = argparse.ArgumentParser(prog="python -m sage_fast.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="tiny_world", help=f"one of {C.recipes()}")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print("\n".join(C.field_help(train_config.TrainConfig)))
+        sys.exit(0)
+    cfg = C.apply_overrides(C.get_recipe(args.recipe), args.overrides)
+    flags = []
+    if args.resume:
+        flags.append("run.resume=true")
+    if args.overwrite:
+        flags.append("run.overwrite=true")
+    cfg = C.apply_overrides(cfg, flags)
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ValueError("run.resume and run.overwrite exclude each other")
+    return cfg, args.recipe
+
+
+def prepare_run_dir(cfg, rank: int = 0) -> Path:
+    """Check (every rank) and create (rank 0) the run folder; returns it."""
+    from sage_fast import config as C  # noqa: PLC0415
+    from sage_fast.checkpoint import CheckpointManager  # noqa: PLC0415
+
+    out = Path(cfg.run.output_dir)
+    exists = out.exists() and any(out.iterdir())
+    if cfg.run.resume:
+        if CheckpointManager(out).latest() is None:
+            raise ValueError(f"run.resume: no checkpoint in {out}/checkpoints to resume from")
+        saved = out / "config.json"
+        if saved.exists():
+            before = json.loads(saved.read_text())
+            now = C.to_dict(cfg)
+            changed = [k for k in now if k != "run" and before.get(k) != json.loads(json.dumps(now[k]))]
+            if changed:
+                log.warning("resuming with config sections changed since the run started: %s", changed)
+    elif exists:
+        if not cfg.run.overwrite:
+            raise ValueError(f"run.output_dir {out} already holds a run: pass --resume to continue it or "
+                             "--overwrite to replace it (or choose another run.output_dir)")
+        if rank == 0:
+            shutil.rmtree(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
+    return out
+
+
+def _device(cfg, local_rank: int) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device='cuda' but no CUDA device is available")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, recipe_name = build_config(sys.argv[1:] if argv is None else argv)
+        out = prepare_run_dir(cfg, rank)
+    except ValueError as err:
+        print(f"sage_fast.train: {err}", file=sys.stderr)
+        return 2
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = _device(cfg, local_rank)
+    group = None
+    if world > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        group = dist.group.WORLD
+    try:
+        return _run(cfg, out, rank, world, group, device, recipe_name)
+    finally:
+        if world > 1:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            dist.destroy_process_group()
+
+
+def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str) -> int:
+    from sage_fast.metrics import MetricsWriter  # noqa: PLC0415
+    from sage_fast.report import plot_history, run_path, save_gif, save_mp4  # noqa: PLC0415
+    from sage_fast.trainer import Trainer  # noqa: PLC0415
+
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=rank == 0)
+    trainer = Trainer(cfg, rank=rank, world_size=world, dp_group=group, device=device, writer=writer)
+    if cfg.run.resume:
+        trainer.resume()
+        writer.truncate_after(trainer.iteration)
+    log.info("recipe %s, %d rank(s), device %s, run folder %s, iterations %d -> %d", recipe_name, world, device,
+             out, trainer.iteration, cfg.run.steps)
+
+    def evaluate():
+        if rank != 0:
+            return
+        result = trainer.evaluate()
+        writer.write(result, kind="eval")
+        log.info("eval @ %d: %s", trainer.iteration,
+                 ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in result.items() if k.startswith("eval/")))
+        if cfg.run.save_videos:
+            folder = run_path(out, "samples")
+            folder.mkdir(exist_ok=True)
+            stem = f"eval_{trainer.iteration:05d}"
+            save_gif(trainer.last_eval_video, run_path(out, "samples", stem + ".gif"))
+            save_mp4(trainer.last_eval_video, run_path(out, "samples", stem + ".mp4"))
+            (folder / "prompts.txt").write_text("".join(p + "\n" for p in trainer.task.eval_prompts))
+
+    progress = None
+    if rank == 0:
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            progress = tqdm(total=cfg.run.steps, initial=trainer.iteration, desc="grpo", dynamic_ncols=True)
+        except ImportError:
+            progress = None
+    if not trainer.history:
+        evaluate()
+    try:
+        while trainer.iteration < cfg.run.steps:
+            metrics = trainer.step()
+            writer.write(metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_it=f"{metrics['time/total']:.1f}",
+                                     kl=f"{metrics['kl/anchor']:.2e}")
+            it = trainer.iteration
+            if it % cfg.run.eval_every == 0 or it == cfg.run.steps:
+                evaluate()
+            if it % cfg.run.save_every == 0 or it == cfg.run.steps:
+                trainer.save()
+    except FloatingPointError as err:
+        log.error("%s", err)
+        return 3
+    finally:
+        if progress is not None:
+            progress.close()
+        writer.close()
+    if rank == 0:
+        plot = plot_history(trainer.history, run_path(out, "summary.png"))
+        (out / "summary.json").write_text(json.dumps({"history": trainer.history, "plot": str(plot)}, indent=1))
+        log.info("done: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

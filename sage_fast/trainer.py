@@ -1,0 +1,428 @@
+"""The GRPO trainer: `Trainer.step()` is one iteration in named, timed phases.
+
+    prompts    the global batch's prompts for this iteration (epoch-shuffled, seeded), G samples each
+    rollout    sample trajectories with the SDE sampler and the fused step op (no grad)
+    reference  anchor velocities of the trained (sample, step) pairs, when ref_source=rollout_phase
+    decode     latents -> videos
+    reward     weighted reward dimensions; failures become NaN (excluded, never zeroed)
+    advantages group-normalised across data-parallel ranks
+    train      micro-batches of (sample, step) pairs, timesteps mixed; fused training op; loss backward
+    update     gradient clip, optimizer step (skipped on NaN/inf), KL controller, moving anchor
+
+Everything random derives from (run.seed, iteration, global sample index): the prompt order, the
+rollout noise (rollout.py) and the trained steps, so a run resumed from a checkpoint continues
+exactly as the uninterrupted run, and a 2-rank run draws the data of a 1-rank run with the same
+global batch.
+
+Leaves to others: the entry point and run-folder policy (train.py), the math (sage_fast.grpo,
+sage_fast.kernels), the policy (sage_fast.models), the task (task.py), metrics files (metrics.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sage_fast.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from sage_fast.grpo.advantages import group_advantages
+from sage_fast.grpo.anchor import Anchor
+from sage_fast.grpo.equalizer import TemporalEqualizer
+from sage_fast.grpo.kl_schedule import KLController
+from sage_fast.grpo.loss import grpo_loss, uses_anchor
+from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig, epoch_seed
+from sage_fast.kernels import sde_logprob
+from sage_fast.metrics import MetricsWriter, PhaseTimer, PerStepStats
+from sage_fast.models import Conditioning, TextEmbeddings, build_velocity_model
+from sage_fast.task import WorldTask
+
+__all__ = ["Trainer", "select_conditioning", "derive_seed"]
+
+log = logging.getLogger("sage_fast.trainer")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (distinct parts, unrelated seeds)."""
+    digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _select_text(text: TextEmbeddings, idx: torch.Tensor) -> TextEmbeddings:
+    return TextEmbeddings(*(t.index_select(0, idx) for t in (text.embeds_bld, text.mask_bl, text.embeds_2_bld,
+                                                               text.mask_2_bl)))
+
+
+def select_conditioning(cond: Conditioning, idx: torch.Tensor) -> Conditioning:
+    """The rows `idx` of a batch's conditioning (pairs of a micro-batch may repeat samples)."""
+    def pick(t):
+        return None if t is None else t.index_select(0, idx)
+
+    return Conditioning(prompt=_select_text(cond.prompt, idx),
+                        negative=None if cond.negative is None else _select_text(cond.negative, idx),
+                        image_embeds_bnd=pick(cond.image_embeds_bnd), cond_latents_bcthw=pick(cond.cond_latents_bcthw),
+                        cond_mask_b1thw=pick(cond.cond_mask_b1thw))
+
+
+@dataclass
+class _Pairs:
+    sample_b: torch.Tensor  # [P] local sample index of each trained pair
+    step_t: torch.Tensor  # [P] step index
+
+
+class Trainer:
+    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, dp_group=None, device: str | torch.device = "cpu",
+                 writer: MetricsWriter | None = None) -> None:
+        self.cfg, self.rank, self.world, self.group = cfg, rank, world_size, dp_group
+        self.device = torch.device(device)
+        g = cfg.grpo
+        global_batch = g.samples_per_rank * world_size
+        if global_batch % g.group_size:
+            raise ValueError(f"grpo.group_size={g.group_size} must divide the global batch grpo.samples_per_rank x "
+                             f"ranks = {g.samples_per_rank} x {world_size} = {global_batch}")
+        if cfg.dist.sp != 1:
+            raise ValueError("dist.sp > 1 is not wired into the trainer yet (sage_fast.parallel has Ulysses; "
+                             "the trainer runs sp=1)")
+        self.prompts_per_iter = global_batch // g.group_size
+
+        # LoRA's initialisation draws from the global RNG: seed it, so every run (and rank) with
+        # the same run.seed starts from the same policy
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.run.seed, "init") % (2**31))
+            self.model = build_velocity_model(cfg.model, device=self.device, seed=cfg.run.seed)
+        heads = self.model.transformer.config.num_attention_heads
+        if heads % cfg.dist.sp:
+            raise ValueError(f"dist.sp={cfg.dist.sp} must divide the attention heads ({heads})")
+        self.task = WorldTask(cfg.world, self.model.transformer.config, device=self.device)
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the policy has no trainable parameters")
+        self.policy = self.model
+        if world_size > 1:
+            if cfg.dist.strategy != "ddp":
+                raise ValueError("dist.strategy='fsdp2' is not wired into the trainer yet; use 'ddp'")
+            from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+            # find_unused_parameters: the last double-stream block's text branch (and its LoRA) feeds
+            # nothing, and DDP without it silently skips the gradient all-reduce of any bucket
+            # holding an unused parameter (seen here: rank gradients differed after "sync")
+            self.policy = DistributedDataParallel(self.model, process_group=dp_group, find_unused_parameters=True,
+                                                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.engine = RolloutEngine(self.model.velocity, cfg.sampler)
+        self.eval_engine = RolloutEngine(self.model.velocity, SamplerConfig(
+            num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, sde_type=cfg.sampler.sde_type, eta=0.0,
+            cfg_scale=cfg.sampler.cfg_scale))
+        coef = self.engine.coefficients(1)
+        self.trainable_steps = [t for t in cfg.sampler.stochastic_steps() if float(coef[t, 2, 0]) > 0]
+        if not self.trainable_steps:
+            raise ValueError("no stochastic step to train: the SDE window is empty or eta = 0")
+        self.k_steps = min(g.train_steps or len(self.trainable_steps), len(self.trainable_steps))
+        self.equalizer = TemporalEqualizer(g.equalizer, self.engine.sigmas, cfg.sampler.sde_type, cfg.sampler.eta,
+                                           clamp=g.equalizer_clamp, momentum=g.equalizer_momentum, device=self.device)
+        self.anchor = None
+        if uses_anchor(g.kl_mode):
+            mode = "moving" if g.kl_mode in ("moving", "dual_moving") else "fixed"
+            self.anchor = Anchor(self.model, mode, g.update_ref_every)
+        self.kl = KLController(g.beta_schedule, g.beta, warmup_beta=g.beta_warmup, warmup_steps=g.beta_warmup_steps,
+                               target=g.kl_target)
+        self.ckpt = CheckpointManager(cfg.run.output_dir, keep=cfg.run.keep_checkpoints)
+        self.writer = writer
+        self.iteration = 0
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.history: list[dict] = []  # evaluation results, for the end-of-run plot
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def prompts_for(self, iteration: int) -> list[str]:
+        """The global batch's prompts of `iteration` (P = global batch / G, epoch-shuffled)."""
+        n = len(self.task.train_prompts)
+        start = iteration * self.prompts_per_iter
+        out = []
+        for pos in range(start, start + self.prompts_per_iter):
+            epoch, i = divmod(pos, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "epoch",
+                                                                                          epoch)))
+            out.append(self.task.train_prompts[int(order[i])])
+        return out
+
+    def _choose_pairs(self, iteration: int, valid_b: torch.Tensor) -> _Pairs:
+        """K trained steps per local sample (seeded per global sample), all pairs shuffled."""
+        b_local = self.cfg.grpo.samples_per_rank
+        steps = torch.tensor(self.trainable_steps)
+        sample_b, step_t = [], []
+        for b in range(b_local):
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "steps", iteration,
+                                                          self.rank * b_local + b))
+            chosen = steps[torch.randperm(len(steps), generator=g)[: self.k_steps]]
+            sample_b += [b] * len(chosen)
+            step_t += chosen.tolist()
+        order = torch.randperm(len(sample_b), generator=torch.Generator().manual_seed(
+            derive_seed(self.cfg.run.seed, "order", iteration, self.rank)))
+        return _Pairs(torch.tensor(sample_b)[order], torch.tensor(step_t)[order])
+
+    # ------------------------------------------------------------------------------------------
+    # one iteration
+
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def step(self) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        it = self.iteration
+        timer = PhaseTimer(self.device)
+        b_local, G = g.samples_per_rank, g.group_size
+        with timer("rollout"):
+            prompts = self.prompts_for(it)
+            first = self.rank * b_local
+            local_prompts = [prompts[(first + b) // G] for b in range(b_local)]
+            group_ids = torch.tensor([(first + b) // G for b in range(b_local)], dtype=torch.int64)
+            cond = self.task.conditioning(local_prompts)
+            shape = (b_local,) + tuple(self.task.latent_shape)
+            traj = self.engine.sample(cond, shape, seed=epoch_seed(cfg.run.seed, it), first_sample=first,
+                                      total_samples=b_local * self.world, device=self.device)
+        with timer("decode"):
+            video = self.task.decode(traj.final)
+        with timer("reward"):
+            reward = self.task.reward(video, local_prompts)
+        with timer("advantages"):
+            adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip, process_group=self.group)
+        pairs = self._choose_pairs(it, adv.valid_b)
+        v_ref_store = None
+        need_ref = self.anchor is not None and not self.anchor.equals_policy
+        if need_ref and g.ref_source == "rollout_phase":
+            with timer("reference"):
+                v_ref_store = self._anchor_velocities(traj, cond, pairs)
+        stats = PerStepStats(cfg.sampler.num_steps)
+        losses = []
+        for update in range(g.updates_per_rollout):
+            with timer("train"):
+                terms = self._train_pass(traj, cond, adv, pairs, v_ref_store, stats, update)
+                losses.append(terms)
+            with timer("update"):
+                update_info = self._optimizer_step(terms)
+        metrics = self._iteration_metrics(it, reward, adv, losses, update_info, stats, timer)
+        self.iteration += 1
+        return metrics
+
+    def _micro_batches(self, pairs: _Pairs):
+        m = self.cfg.grpo.micro_batch
+        for start in range(0, pairs.sample_b.numel(), m):
+            yield pairs.sample_b[start:start + m], pairs.step_t[start:start + m]
+
+    def _pair_inputs(self, traj, cond, sample_b, step_t):
+        x = traj.latents[step_t, sample_b]  # [M, C, T, H, W]
+        x_next = traj.latents[step_t + 1, sample_b]
+        coef = traj.coef[step_t, :, sample_b]  # [M, 3]
+        timestep = (1000.0 * self.engine.sigmas[step_t]).to(torch.float32).to(self.device)
+        return x, x_next, coef, timestep, select_conditioning(cond, sample_b.to(self.device))
+
+    @torch.no_grad()
+    def _anchor_velocities(self, traj, cond, pairs: _Pairs) -> list[torch.Tensor]:
+        out = []
+        for sample_b, step_t in self._micro_batches(pairs):
+            x, _, _, timestep, c = self._pair_inputs(traj, cond, sample_b, step_t)
+            out.append(self.anchor.forward(self.model, x, timestep, c, self.cfg.sampler.cfg_scale).to(x.dtype).contiguous())
+        return out
+
+    def _train_pass(self, traj, cond, adv, pairs: _Pairs, v_ref_store, stats, update: int):
+        g = self.cfg.grpo
+        self.optimizer.zero_grad(set_to_none=True)
+        valid_pairs = adv.valid_b[pairs.sample_b]
+        n_valid = self._all_reduce(valid_pairs.sum().to(torch.float64)).clamp(min=1.0)
+        batches = list(self._micro_batches(pairs))
+        need_ref = self.anchor is not None and not self.anchor.equals_policy
+        totals = {"loss": 0.0, "policy": 0.0, "kl_anchor": 0.0, "kl_step": 0.0, "clip_frac": 0.0, "pairs": 0}
+        sync_ctx = getattr(self.policy, "no_sync", None)
+        for i, (sample_b, step_t) in enumerate(batches):
+            x, x_next, coef, timestep, c = self._pair_inputs(traj, cond, sample_b, step_t)
+            last = i == len(batches) - 1
+            ctx = sync_ctx() if (sync_ctx is not None and not last) else _null()
+            with ctx:
+                v = self.policy(x, timestep, c, self.cfg.sampler.cfg_scale).to(x.dtype).contiguous()
+                v_ref = None
+                if need_ref:
+                    v_ref = v_ref_store[i] if v_ref_store is not None else \
+                        self.anchor.forward(self.model, x, timestep, c, self.cfg.sampler.cfg_scale).to(x.dtype).contiguous()
+                logp, kl_a, grad_norm = sde_logprob(x, v, x_next, coef[:, 0], coef[:, 1], coef[:, 2],
+                                                    sde_type=self.cfg.sampler.sde_type, v_ref=v_ref)
+                scale = self._scales(step_t, grad_norm)
+                valid = valid_pairs[i * g.micro_batch: i * g.micro_batch + sample_b.numel()].to(self.device)
+                terms = grpo_loss(logp, traj.logp_old[step_t, sample_b], adv.adv_b[sample_b].to(self.device),
+                                  clip_range=g.clip_range, scale=scale, kl_anchor=kl_a, mode=g.kl_mode,
+                                  beta=self.kl.beta, w_anchor=g.w_anchor, w_step=g.w_step, valid=valid)
+                # mean over the global valid pairs: DDP averages over ranks, so scale by the world size
+                weight = float(valid.sum()) * self.world / float(n_valid)
+                (terms.loss * weight).backward()
+            n = int(valid.sum())
+            totals["pairs"] += n
+            for key in ("loss", "policy", "kl_anchor", "kl_step"):
+                totals[key] += float(getattr(terms, key).detach()) * n
+            totals["clip_frac"] += float((terms.clipped_b & valid).sum())
+            stats.add(step_t, ratio=terms.ratio_b, clipped=terms.clipped_b.float(), kl=kl_a.detach(),
+                      grad_norm=grad_norm, scale=scale)
+        count = max(totals.pop("pairs"), 1)
+        return {k: v / count for k, v in totals.items()}
+
+    def _scales(self, step_t: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        step_t = step_t.to(self.device)
+        if self.equalizer.mode != "empirical" or self.world == 1:
+            return self.equalizer.scales(step_t, grad_norm)
+        # every rank updates its statistics with the same (gathered) norms: identical state everywhere
+        all_norms, all_steps = self._gather(grad_norm.detach()), self._gather(step_t)
+        scales = self.equalizer.scales(all_steps, all_norms)
+        m = step_t.numel()
+        return scales[self.rank * m:(self.rank + 1) * m]
+
+    def _optimizer_step(self, terms: dict) -> dict:
+        params = [p for _, p in self.trainable]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        finite = bool(torch.isfinite(norm)) and math.isfinite(terms["loss"])
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            log.warning("iteration %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                        self.iteration, terms["loss"], float(norm), self.nonfinite_streak)
+            if self.nonfinite_streak >= self.cfg.run.max_nonfinite:
+                raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates with a non-finite loss or "
+                                         f"gradient (run.max_nonfinite={self.cfg.run.max_nonfinite}): stopping")
+            return {"grad_norm": float(norm), "skipped": True}
+        self.optimizer.step()
+        self.nonfinite_streak = 0
+        kl_measure = terms["kl_anchor"] if self.anchor is not None else terms["kl_step"]
+        self.kl.update(kl_measure)
+        refreshed = self.anchor.after_optimizer_step(self.model) if self.anchor is not None else False
+        return {"grad_norm": float(norm), "skipped": False, "anchor_refreshed": refreshed}
+
+    def _iteration_metrics(self, it, reward, adv, losses, update_info, stats, timer) -> dict:
+        total = reward.total_b
+        finite = torch.isfinite(total)
+        sums = torch.tensor([float(total[finite].sum()), float(finite.sum()), float((~finite).sum())],
+                            dtype=torch.float64)
+        self._all_reduce(sums)
+        dims = {}
+        for name, score in reward.scores.items():
+            ok = torch.isfinite(score)
+            s = self._all_reduce(torch.tensor([float(score[ok].sum()), float(ok.sum())], dtype=torch.float64))
+            dims[f"reward/{name}"] = float(s[0] / s[1].clamp(min=1))
+        samples = self.cfg.grpo.samples_per_rank * self.world
+        out = {
+            "iteration": it + 1,
+            "reward/mean": float(sums[0] / sums[1].clamp(min=1)),
+            **dims,
+            "reward/failed": int(sums[2]),
+            "adv/abs_mean": float(adv.adv_b.abs().mean()),
+            "loss": losses[-1]["loss"], "policy": losses[-1]["policy"], "kl/anchor": losses[-1]["kl_anchor"],
+            "kl/step": losses[-1]["kl_step"], "clip_frac": losses[-1]["clip_frac"],
+            "grad_norm": update_info["grad_norm"], "update_skipped": update_info["skipped"],
+            "beta": self.kl.beta, "nonfinite_total": self.nonfinite_total,
+        }
+        out.update({f"time/{k}": v for k, v in timer.seconds.items()})
+        out["time/total"] = sum(timer.seconds.values())
+        for phase in ("rollout", "reward", "train"):
+            if timer.seconds.get(phase):
+                out[f"samples_per_s/{phase}"] = samples / timer.seconds[phase]
+        out["per_step"] = stats.summary()
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation, checkpoints, the loop
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Fixed prompts and fixed noise, deterministic (eta = 0) sampler: comparable across iterations."""
+        prompts = self.task.eval_prompts
+        cond = self.task.conditioning(prompts)
+        shape = (len(prompts),) + tuple(self.task.latent_shape)
+        traj = self.eval_engine.sample(cond, shape, seed=derive_seed(self.cfg.run.seed, "eval"), device=self.device)
+        video = self.task.decode(traj.final)
+        reward = self.task.reward(video, prompts)
+        out = {"iteration": self.iteration, "eval/reward": float(reward.total_b.nanmean())}
+        out.update({f"eval/{k}": float(v.nanmean()) for k, v in reward.scores.items()})
+        dist_m = self.task.manifold_distance(video)
+        if dist_m is not None:
+            out["eval/manifold_distance"] = float(dist_m.float().mean())
+        self.history.append(out)
+        self.last_eval_video = video
+        return out
+
+    def state_dict(self) -> dict:
+        state = {
+            "iteration": self.iteration,
+            "model": {n: p.detach().clone() for n, p in self.trainable},
+            "optimizer": self.optimizer.state_dict(),
+            "equalizer": self.equalizer.state_dict(),
+            "kl": self.kl.state_dict(),
+            "nonfinite": {"streak": self.nonfinite_streak, "total": self.nonfinite_total},
+            "history": [{k: v for k, v in h.items()} for h in self.history],
+        }
+        if self.anchor is not None:
+            state["anchor"] = self.anchor.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {n for n, _ in self.trainable}
+        if set(state["model"]) != names:
+            raise ValueError("checkpoint parameters do not match the model's trainable ones "
+                             f"(e.g. {sorted(set(state['model']) ^ names)[:3]}): same model config needed to resume")
+        with torch.no_grad():
+            for n, p in self.trainable:
+                p.copy_(state["model"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.equalizer.load_state_dict(state["equalizer"])
+        self.kl.load_state_dict(state["kl"])
+        if self.anchor is not None:
+            self.anchor.load_state_dict(state["anchor"])
+        self.iteration = int(state["iteration"])
+        self.nonfinite_streak = int(state["nonfinite"]["streak"])
+        self.nonfinite_total = int(state["nonfinite"]["total"])
+        self.history = list(state["history"])
+
+    def save(self) -> None:
+        rng = capture_rng_state()
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, rng, group=self.group)
+        else:
+            gathered = [rng]
+        if self.rank == 0:
+            self.ckpt.save(self.iteration, self.state_dict(), gathered, meta={"world_size": self.world})
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def resume(self) -> bool:
+        loaded = self.ckpt.load(map_location=self.device)
+        if loaded is None:
+            return False
+        _, state, rngs = loaded
+        self.load_state_dict(state)
+        if len(rngs) == self.world:
+            restore_rng_state(rngs[self.rank])
+        log.info("resumed from iteration %d", self.iteration)
+        return True
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,197 @@
+"""The GRPO trainer end to end on a tiny random model and a small synthetic world (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sage_fast import config as C
+from sage_fast import train_config  # noqa: F401 (recipes)
+from sage_fast.train import main, prepare_run_dir
+from sage_fast.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.checkpoint=none", 'model.architecture_overrides={"in_channels": 97, "out_channels": 48}',
+    "model.lora_rank=4", "model.lora_alpha=4",
+    "world.frames=5", "world.height=16", "world.width=16", "world.num_train_prompts=16", "world.num_eval_prompts=2",
+    "sampler.num_steps=4", "sampler.cfg_scale=2.0", "grpo.samples_per_rank=4", "grpo.group_size=2",
+    "grpo.train_steps=2", "grpo.micro_batch=4", "grpo.clip_range=0.01", "optim.lr=0.01",
+    "run.eval_every=100", "run.save_every=100", "run.tensorboard=false", "run.save_videos=false",
+]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return C.apply_overrides(C.get_recipe("tiny_world"), TINY + [f"run.output_dir={tmp_path}/run", *extra])
+
+
+def trainable_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.trainable}
+
+
+def test_two_plus_two_with_resume_equals_four_bitwise(tmp_path):
+    cfg4 = tiny_cfg(tmp_path / "a", "run.steps=4")
+    straight = Trainer(cfg4)
+    metrics4 = [straight.step() for _ in range(4)]
+    first = Trainer(tiny_cfg(tmp_path / "b", "run.steps=2"))
+    for _ in range(2):
+        first.step()
+    first.save()
+    resumed = Trainer(tiny_cfg(tmp_path / "b", "run.steps=4", "run.resume=true"))
+    assert resumed.resume() and resumed.iteration == 2
+    metrics_resumed = [resumed.step() for _ in range(2)]
+    for name, value in trainable_state(straight).items():
+        assert torch.equal(value, trainable_state(resumed)[name]), name
+    for a, b in zip(metrics4[2:], metrics_resumed):
+        assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"]
+    assert any(m["kl/anchor"] > 0 for m in metrics4[1:])  # the anchor KL is live once the policy moved
+
+
+def test_first_update_ratio_is_one_and_improves_the_objective(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "grpo.kl_mode=none"))
+    metrics = trainer.step()
+    ratios = metrics["per_step"]["ratio"]
+    assert all(r == 1.0 for r in ratios.values()), ratios  # rollout log-prob == training recompute, bitwise
+    assert metrics["clip_frac"] == 0.0
+
+
+def test_update_raises_logprob_of_positive_advantage_samples(tmp_path):
+    """After one update, sum_i A_i (logp_new - logp_old) > 0 over the trained pairs."""
+    from sage_fast.grpo.advantages import group_advantages
+    from sage_fast.grpo.rollout import epoch_seed
+
+    trainer = Trainer(tiny_cfg(tmp_path, "grpo.kl_mode=none", "grpo.clip_range=10.0", "optim.lr=0.003"))
+    prompts = trainer.prompts_for(0)
+    local = [prompts[b // 2] for b in range(4)]
+    cond = trainer.task.conditioning(local)
+    shape = (4,) + tuple(trainer.task.latent_shape)
+    traj = trainer.engine.sample(cond, shape, seed=epoch_seed(trainer.cfg.run.seed, 0))
+    reward = trainer.task.reward(trainer.task.decode(traj.final), local)
+    adv = group_advantages(reward.total_b, torch.tensor([0, 0, 1, 1]))
+    assert adv.adv_b.abs().sum() > 0
+    trainer.step()  # the same iteration 0: same prompts, noise and trained steps
+    gain = 0.0
+    with torch.no_grad():
+        for t in trainer.trainable_steps:
+            ts = torch.full((4,), 1000 * float(trainer.engine.sigmas[t]))
+            v = trainer.model.velocity(traj.latents[t], ts, cond, trainer.cfg.sampler.cfg_scale)
+            logp, _, _ = trainer.engine.recompute_logprob(traj, t, v)
+            gain += float((adv.adv_b * (logp - traj.logp_old[t])).sum())
+    assert gain > 0
+
+
+def test_anchor_kl_is_zero_right_after_a_refresh(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "grpo.kl_mode=dual_moving", "grpo.update_ref_every=1", "grpo.beta=0.1"))
+    for _ in range(3):
+        m = trainer.step()
+        assert m["kl/anchor"] == 0.0  # refreshed after every update: anchor == policy at each rollout
+    trainer = Trainer(tiny_cfg(tmp_path / "fixed", "grpo.kl_mode=dual_fixed", "grpo.beta=0.1"))
+    trainer.step()
+    assert trainer.step()["kl/anchor"] > 0.0
+
+
+@pytest.mark.parametrize("kl_mode", ["none", "fixed", "moving", "stepwise", "dual_fixed", "dual_moving"])
+def test_every_kl_mode_runs_a_step(tmp_path, kl_mode):
+    trainer = Trainer(tiny_cfg(tmp_path, f"grpo.kl_mode={kl_mode}", "grpo.beta=0.05", "grpo.ref_source=rollout_phase"))
+    trainer.step()
+    m = trainer.step()
+    assert m["update_skipped"] is False and torch.isfinite(torch.tensor(m["loss"]))
+
+
+@pytest.mark.parametrize("sde_type", ["sage_grpo", "flow_grpo", "dance_grpo", "cps"])
+@pytest.mark.parametrize("equalizer", ["analytic", "empirical"])
+def test_every_sde_type_runs_a_step(tmp_path, sde_type, equalizer):
+    trainer = Trainer(tiny_cfg(tmp_path, f"sampler.sde_type={sde_type}", f"grpo.equalizer={equalizer}",
+                               "sampler.sde_window=1,4"))
+    m = trainer.step()
+    assert set(m["per_step"]["ratio"]) <= {1, 2, 3}  # only steps inside the window are trained
+    if sde_type == "cps":
+        assert 3 not in m["per_step"]["ratio"]  # cps's last step is deterministic: never trained
+
+
+def test_failed_rewards_are_excluded_and_nan_updates_skipped(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_cfg(tmp_path, "run.max_nonfinite=2"))
+    real = trainer.task.reward
+
+    def flaky(video, prompts):
+        out = real(video, prompts)
+        out.total_b[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.task, "reward", flaky)
+    m = trainer.step()
+    assert m["reward/failed"] == 1 and m["update_skipped"] is False
+    real_velocity = trainer.model.velocity
+    monkeypatch.setattr(trainer.model, "forward", lambda *a, **k: real_velocity(*a, **k) * float("nan"))
+    before = trainable_state(trainer)
+    assert trainer.step()["update_skipped"] is True
+    for name, value in trainable_state(trainer).items():
+        assert torch.equal(value, before[name])
+    with pytest.raises(FloatingPointError, match="2 consecutive updates"):
+        trainer.step()
+
+
+@pytest.mark.parametrize("override, match", [
+    (["grpo.group_size=3"], "grpo.group_size=3 must divide the global batch"),
+    (["grpo.kl_mode=kl"], "grpo.kl_mode must be one of"),
+    (["sampler.eta=-1"], "sampler.eta must be >= 0"),
+    (["sampler.sde_type=ddim"], "sampler.sde_type must be one of"),
+    (["grpo.train_steps=9"], "exceeds the 4 steps of the SDE window"),
+    (["model.architecture_overrides={}", "model.checkpoint=/nonexistent/tiny_world"], "does not exist"),
+    (["dist.sp=3"], "dist.sp"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, override, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        Trainer(tiny_cfg(tmp_path, *override))
+
+
+def test_run_folder_is_never_overwritten_silently(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path)
+    prepare_run_dir(cfg)
+    (Path(cfg.run.output_dir) / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        prepare_run_dir(cfg)
+    with pytest.raises(ValueError, match="no checkpoint .* to resume from"):
+        prepare_run_dir(C.apply_overrides(cfg, ["run.resume=true"]))
+    assert main(TINY + [f"run.output_dir={cfg.run.output_dir}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (Path(cfg.run.output_dir) / "keep.txt").exists()
+
+
+def test_names_from_prompts_cannot_escape_the_run_folder(tmp_path):
+    from sage_fast.report import run_path, safe_name
+
+    assert safe_name("../../etc/passwd") == "etc-passwd"
+    assert safe_name("") == "unnamed"
+    assert run_path(tmp_path, "samples", safe_name("a/../../x")).parent == (tmp_path / "samples").resolve()
+    with pytest.raises(ValueError, match="outside the run folder"):
+        run_path(tmp_path, "..", "x")
+
+
+def test_cli_runs_evaluates_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "cli"
+    args = TINY + [f"run.output_dir={out}", "run.steps=2", "run.eval_every=1", "run.save_every=1",
+                   "run.save_videos=true"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert [r["iteration"] for r in records if r["kind"] == "eval"] == [0, 1, 2]
+    assert (out / "summary.png").stat().st_size > 0 and (out / "samples" / "eval_00002.gif").exists()
+    assert json.loads((out / "config.json").read_text())["grpo"]["group_size"] == 2
+    assert main(args[:-4] + ["run.steps=3", "run.eval_every=1", "run.save_every=1", "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
+    script = ROOT / "tests" / "dist" / "trainer.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK trainer" in proc.stdout, proc.stdout[-2000:]
