@@ -25,3 +25,4 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernels_sde.py tests/test_cp
   tests/test_noise.py tests/test_equalizer.py > "$OUT/pytest-kernels.log" 2>&1
 tail -3 "$OUT/pytest-kernels.log"
 python3 bench/run.py --device cuda --sizes authors,480p,720p --out "$OUT" --tag bench-cuda 2>&1 | tail -40
+python3 bench/rollout.py --device cuda --out "$OUT" 2>&1 | tail -5

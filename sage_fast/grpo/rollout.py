@@ -20,8 +20,12 @@ neighbours: 2 ranks of B samples draw exactly the noise of 1 rank of 2B. Every p
 samples are distinct global indices, so they explore differently (the authors' seeds repeated
 across prompts and epochs: SPEC defect 6).
 
-The loop is eager for now. The step op takes its coefficients and Philox (seed, offset) as
-device tensors, which is what a CUDA-graph capture of the step body will need (issue 6).
+CUDA graphs: on CUDA (`cuda_graph=True`, the default) the step body, policy forward plus the
+fused step, is captured once per rollout into a graph with static buffers and replayed N
+times: the state, timestep, coefficients and Philox offset are copied into device buffers
+before each replay (the step op reads seed and offset from device memory), so replays draw
+fresh noise. If capture fails (a policy with host syncs or dynamic shapes), the engine logs
+why once and runs eagerly. Elsewhere the loop is eager.
 
 Leaves to others: the policy (sage_fast.models), rewards, which steps are trained.
 """
@@ -29,6 +33,7 @@ Leaves to others: the policy (sage_fast.models), rewards, which steps are traine
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +42,8 @@ from sage_fast.grpo import schedule
 from sage_fast.kernels import philox_normal, sde_logprob
 
 __all__ = ["SamplerConfig", "Trajectory", "RolloutEngine", "epoch_seed"]
+
+log = logging.getLogger("sage_fast.rollout")
 
 
 
@@ -106,10 +113,13 @@ class Trajectory:
 class RolloutEngine:
     """Samples trajectories of `policy(latents, timestep, conditioning, cfg_scale) -> velocity`."""
 
-    def __init__(self, policy, sampler: SamplerConfig, *, latent_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, policy, sampler: SamplerConfig, *, latent_dtype: torch.dtype = torch.float32,
+                 cuda_graph: bool = True) -> None:
         self.policy, self.cfg, self.latent_dtype = policy, sampler, latent_dtype
         self.sigmas = schedule.sigmas(sampler.num_steps, sampler.shift)
         self.types = sampler.step_types()
+        self.cuda_graph = cuda_graph
+        self.graph_error: str | None = None  # why capture failed, once it has
 
     def coefficients(self, batch: int) -> torch.Tensor:
         """[N, 3, B] float64 (a, b, c) of every step for a batch (every sample at the same step)."""
@@ -144,21 +154,62 @@ class RolloutEngine:
         latents[0] = self.initial_noise(shape, seed, first_sample, total, device)
         logp = torch.zeros(n, batch, dtype=torch.float32, device=device)
         rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
-        for t in range(n):
-            rng[1] = (t * total + first_sample) * per_sample
-            timestep = (1000.0 * self.sigmas[t]).to(torch.float32).expand(batch).to(device)
-            v = self.policy(latents[t], timestep, conditioning, self.cfg.cfg_scale).to(self.latent_dtype)
-            x_next, lp = torch.ops.sage_fast.sde_step(latents[t], v.contiguous(), coef_dev[t].contiguous(), None, rng,
-                                                      self.types[t], "mean")
-            latents[t + 1] = x_next
-            logp[t] = lp
+        timesteps = (1000.0 * self.sigmas[:-1]).to(torch.float32).view(-1, 1).expand(n, batch).contiguous().to(device)
+        offsets = [(t * total + first_sample) * per_sample for t in range(n)]
+        use_graph = self.cuda_graph and torch.device(device).type == "cuda" and self.graph_error is None
+        if not (use_graph and self._graph_loop(conditioning, latents, logp, coef_dev, timesteps, rng, offsets)):
+            for t in range(n):
+                rng[1] = offsets[t]
+                v = self.policy(latents[t], timesteps[t], conditioning, self.cfg.cfg_scale).to(self.latent_dtype)
+                x_next, lp = torch.ops.sage_fast.sde_step(latents[t], v.contiguous(), coef_dev[t].contiguous(), None,
+                                                          rng, self.types[t], "mean")
+                latents[t + 1] = x_next
+                logp[t] = lp
         return Trajectory(latents=latents, logp_old=logp, coef=coef, step_types=list(self.types),
                           first_sample=first_sample, seed=seed)
+
+    def _graph_loop(self, conditioning, latents, logp, coef_dev, timesteps, rng, offsets) -> bool:
+        """The denoising loop as one captured CUDA graph replayed per step; False if capture failed.
+
+        One graph serves every step: outside the SDE window c = 0, which makes the step
+        deterministic (logp = 0) whatever the step type the graph was captured with.
+        """
+        sde_type = self.cfg.sde_type
+        static_x, static_t = latents[0].clone(), timesteps[0].clone()
+        static_coef = coef_dev[0].contiguous().clone()
+
+        def body():
+            v = self.policy(static_x, static_t, conditioning, self.cfg.cfg_scale).to(self.latent_dtype)
+            return torch.ops.sage_fast.sde_step(static_x, v.contiguous(), static_coef, None, rng, sde_type, "mean")
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm up: lazy initialisation, autotuning, allocator
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_x, out_lp = body()
+        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.graph_error = f"{type(err).__name__}: {err}"
+            log.warning("rollout: CUDA-graph capture failed, running eagerly from now on (%s)", self.graph_error)
+            return False
+        for t in range(len(offsets)):
+            static_x.copy_(latents[t])
+            static_t.copy_(timesteps[t])
+            static_coef.copy_(coef_dev[t])
+            rng[1] = offsets[t]
+            graph.replay()
+            latents[t + 1].copy_(out_x)
+            logp[t].copy_(out_lp)
+        return True
 
     def recompute_logprob(self, traj: Trajectory, t: int, velocity: torch.Tensor, v_ref=None):
         """Training-time (logp, kl, grad_norm) of step t of `traj` under `velocity` ([B, ...])."""
         if self.types[t] == "ode":
             raise ValueError(f"step {t} is deterministic (outside the SDE window): it has no log-prob")
         a, b, c = traj.coef[t]
-        return sde_logprob(traj.latents[t], velocity.to(traj.latents.dtype).contiguous(), traj.latents[t + 1], a, b, c, sde_type=self.types[t],
-                           v_ref=v_ref)
+        velocity = velocity.to(traj.latents.dtype).contiguous()
+        return sde_logprob(traj.latents[t], velocity, traj.latents[t + 1], a, b, c, sde_type=self.types[t], v_ref=v_ref)
