@@ -31,10 +31,12 @@ class RewardResult:
 class WorldTask:
     """The synthetic video world (sage_fast.world) behind the task interface."""
 
-    def __init__(self, world_cfg, transformer_config, device="cpu") -> None:
+    def __init__(self, world_cfg, transformer_config, device="cpu", checkpoint: str | None = None) -> None:
         from sage_fast.world import codec, prompts, rewards  # noqa: PLC0415
 
         self.cfg, self.device = world_cfg, device
+        if checkpoint is not None:
+            self._check_world_json(world_cfg, checkpoint)
         self._codec = codec
         if world_cfg.prompt_file is not None:
             self.train_prompts = [row["prompt"] for row in prompts.read_prompts(world_cfg.prompt_file)]
@@ -55,6 +57,22 @@ class WorldTask:
         if self.latent_shape[0] != channels:
             raise ValueError(f"world latents have {self.latent_shape[0]} channels but the model has out_channels="
                              f"{channels}: use the world's base model (or a codec patch that matches)")
+
+    @staticmethod
+    def _check_world_json(world_cfg, checkpoint: str) -> None:
+        """A world base model was trained for one video size and text encoder: insist on them."""
+        from pathlib import Path  # noqa: PLC0415
+
+        path = Path(checkpoint)
+        meta = (path if path.is_dir() else path.parent) / "world.json"
+        if not meta.exists():
+            return
+        trained = json.loads(meta.read_text())
+        for field, key in (("frames", "frames"), ("height", "height"), ("width", "width"),
+                           ("text_seed", "text_encoder_seed")):
+            if key in trained and getattr(world_cfg, field) != trained[key]:
+                raise ValueError(f"world.{field}={getattr(world_cfg, field)} but the base model {path} was trained "
+                                 f"with {trained[key]} (world.json): use {trained[key]}")
 
     def conditioning(self, prompt_list: list[str]):
         return self.encoder.conditioning(list(prompt_list), negative=True)

@@ -229,8 +229,8 @@ class TrainConfig:
 
 
 def tiny_world_checkpoint() -> Path:
-    """The shipped base model of the synthetic world (sage_fast/world/assets/)."""
-    return Path(__file__).resolve().parent / "world" / "assets" / "tiny_world"
+    """The shipped base model of the synthetic world (sage_fast/world/assets/base_model)."""
+    return Path(__file__).resolve().parent / "world" / "assets" / "base_model"
 
 
 @recipe("tiny_world")

@@ -96,7 +96,8 @@ class Trainer:
         heads = self.model.transformer.config.num_attention_heads
         if heads % cfg.dist.sp:
             raise ValueError(f"dist.sp={cfg.dist.sp} must divide the attention heads ({heads})")
-        self.task = WorldTask(cfg.world, self.model.transformer.config, device=self.device)
+        self.task = WorldTask(cfg.world, self.model.transformer.config, device=self.device,
+                              checkpoint=cfg.model.checkpoint)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
