@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "run_path", "video_frames", "save_gif", "save_mp4", "plot_history"]
+__all__ = ["safe_name", "run_path", "video_frames", "save_gif", "save_mp4", "plot_history", "learning_summary"]
 
 log = logging.getLogger("sage_fast.report")
 
@@ -96,3 +96,25 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def learning_summary(history: list[dict], key: str = "eval/reward", guard: str = "eval/vq") -> dict:
+    """Did the run learn? The mean of the last 3 evaluations against the first one.
+
+    rise = mean(last 3) - first; spread = max - min of the last 3; `learned` when rise > spread.
+    guard_drift = relative change of `guard` (visual quality) from the first evaluation to the
+    mean of the last 3: alignment must not be bought with broken frames.
+    """
+    values = [h[key] for h in history if key in h]
+    if len(values) < 4:
+        return {"evaluations": len(values)}
+    last = values[-3:]
+    rise = sum(last) / 3 - values[0]
+    spread = max(last) - min(last)
+    out = {"evaluations": len(values), "first": values[0], "last3_mean": sum(last) / 3, "rise": rise,
+           "last3_spread": spread, "learned": rise > spread}
+    guards = [h[guard] for h in history if guard in h]
+    if len(guards) >= 4 and guards[0] != 0:
+        out["guard"] = guard
+        out["guard_drift"] = (sum(guards[-3:]) / 3 - guards[0]) / abs(guards[0])
+    return out

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str) -> int:
     from sage_fast.metrics import MetricsWriter  # noqa: PLC0415
-    from sage_fast.report import plot_history, run_path, save_gif, save_mp4  # noqa: PLC0415
+    from sage_fast.report import learning_summary, plot_history, run_path, save_gif, save_mp4  # noqa: PLC0415
     from sage_fast.trainer import Trainer  # noqa: PLC0415
 
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=rank == 0)
@@ -186,8 +186,11 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
         writer.close()
     if rank == 0:
         plot = plot_history(trainer.history, run_path(out, "summary.png"))
-        (out / "summary.json").write_text(json.dumps({"history": trainer.history, "plot": str(plot)}, indent=1))
-        log.info("done: %s", out)
+        learned = learning_summary(trainer.history)
+        (out / "summary.json").write_text(json.dumps({"learning": learned, "history": trainer.history,
+                                                      "plot": str(plot)}, indent=1))
+        log.info("done: %s; evaluation reward %s", out,
+                 ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in learned.items()))
     return 0
 
 

@@ -195,3 +195,16 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
                            str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK trainer" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_learning_summary():
+    from sage_fast.report import learning_summary
+
+    hist = [{"eval/reward": r, "eval/vq": q} for r, q in ((0.30, 0.9), (0.32, 0.9), (0.40, 0.88), (0.41, 0.9),
+                                                          (0.42, 0.86))]
+    out = learning_summary(hist)
+    assert out["learned"] and abs(out["rise"] - 0.11) < 1e-9 and abs(out["last3_spread"] - 0.02) < 1e-9
+    assert abs(out["guard_drift"] - (0.88 - 0.9) / 0.9) < 1e-9
+    flat = [{"eval/reward": r} for r in (0.3, 0.2, 0.4, 0.3, 0.35)]
+    assert not learning_summary(flat)["learned"]
+    assert learning_summary(flat[:2]) == {"evaluations": 2}
