@@ -132,7 +132,7 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
     from sage_fast.trainer import Trainer  # noqa: PLC0415
 
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=rank == 0)
-    trainer = Trainer(cfg, rank=rank, world_size=world, dp_group=group, device=device, writer=writer)
+    trainer = Trainer(cfg, rank=rank, world_size=world, group=group, device=device, writer=writer)
     if cfg.run.resume:
         trainer.resume()
         writer.truncate_after(trainer.iteration)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sage_fast.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from sage_fast.grpo.advantages import group_advantages
@@ -74,18 +75,23 @@ class _Pairs:
 
 
 class Trainer:
-    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, dp_group=None, device: str | torch.device = "cpu",
+    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, group=None, device: str | torch.device = "cpu",
                  writer: MetricsWriter | None = None) -> None:
-        self.cfg, self.rank, self.world, self.group = cfg, rank, world_size, dp_group
+        """rank, world_size, group: this process among all training ranks (group: their process
+        group, default WORLD). With `dist.sp` = S > 1 the ranks form a (dp, sp) mesh, r = d * S + s:
+        the S ranks of an sp group share their samples (Ulysses splits each video's tokens), the
+        data axis has world_size / S ranks, and gradients are averaged over all ranks."""
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.group = group if group is not None or world_size == 1 else dist.group.WORLD
         self.device = torch.device(device)
-        g = cfg.grpo
-        global_batch = g.samples_per_rank * world_size
+        g, sp = cfg.grpo, cfg.dist.sp
+        if world_size % sp:
+            raise ValueError(f"dist.sp={sp} must divide the number of ranks ({world_size})")
+        self.dp_rank, self.dp_size = rank // sp, world_size // sp
+        global_batch = g.samples_per_rank * self.dp_size
         if global_batch % g.group_size:
             raise ValueError(f"grpo.group_size={g.group_size} must divide the global batch grpo.samples_per_rank x "
-                             f"ranks = {g.samples_per_rank} x {world_size} = {global_batch}")
-        if cfg.dist.sp != 1:
-            raise ValueError("dist.sp > 1 is not wired into the trainer yet (sage_fast.parallel has Ulysses; "
-                             "the trainer runs sp=1)")
+                             f"data-parallel ranks = {g.samples_per_rank} x {self.dp_size} = {global_batch}")
         self.prompts_per_iter = global_batch // g.group_size
 
         # LoRA's initialisation draws from the global RNG: seed it, so every run (and rank) with
@@ -94,28 +100,51 @@ class Trainer:
             torch.manual_seed(derive_seed(cfg.run.seed, "init") % (2**31))
             self.model = build_velocity_model(cfg.model, device=self.device, seed=cfg.run.seed)
         heads = self.model.transformer.config.num_attention_heads
-        if heads % cfg.dist.sp:
-            raise ValueError(f"dist.sp={cfg.dist.sp} must divide the attention heads ({heads})")
+        if heads % sp:
+            raise ValueError(f"dist.sp={sp} must divide the attention heads ({heads})")
+        # the data axis (advantages, metrics, equalizer statistics) and the flattened all-ranks
+        # mesh the gradients are averaged over
+        self.dp_group, grad_mesh = self.group, None
+        if sp > 1:
+            from sage_fast.parallel import apply_sequence_parallel, build_mesh, flat_mesh  # noqa: PLC0415
+
+            mesh = build_mesh(sp=sp, device_type=self.device.type)
+            self.dp_group = mesh["dp"].get_group() if self.dp_size > 1 else None
+            grad_mesh = flat_mesh(mesh)
+            # after LoRA (built above): a LoRA delta on proj_out must come before the gather
+            apply_sequence_parallel(self.model.transformer, mesh["sp"].get_group())
         self.task = WorldTask(cfg.world, self.model.transformer.config, device=self.device,
                               checkpoint=cfg.model.checkpoint)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
         self.policy = self.model
-        if world_size > 1:
-            if cfg.dist.strategy != "ddp":
-                raise ValueError("dist.strategy='fsdp2' is not wired into the trainer yet; use 'ddp'")
+        self.fsdp = world_size > 1 and cfg.dist.strategy == "fsdp2"
+        if self.fsdp:
+            from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415
+
+            from sage_fast.parallel.wrap import wrap_fsdp2  # noqa: PLC0415
+
+            # one FSDP unit per double-stream block, then the root; gradients are reduce-scattered
+            # (averaged over ranks, like DDP) on the last micro-batch's backward
+            if grad_mesh is None:
+                grad_mesh = DeviceMesh.from_group(self.group, self.device.type)
+            wrap_fsdp2(self.model.transformer, grad_mesh)
+            # fully_shard replaced every parameter with a sharded DTensor: collect them again
+            self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        elif world_size > 1:
             from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
             # find_unused_parameters: the last double-stream block's text branch (and its LoRA) feeds
             # nothing, and DDP without it silently skips the gradient all-reduce of any bucket
             # holding an unused parameter (seen here: rank gradients differed after "sync")
-            self.policy = DistributedDataParallel(self.model, process_group=dp_group, find_unused_parameters=True,
+            self.policy = DistributedDataParallel(self.model, process_group=self.group, find_unused_parameters=True,
                                                   device_ids=[self.device.index] if self.device.type == "cuda" else None)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
-        self.engine = RolloutEngine(self.model.velocity, cfg.sampler)
+        # CUDA graphs do not hold FSDP2's per-block all-gathers or Ulysses' all-to-alls here: eager
+        self.engine = RolloutEngine(self.model.velocity, cfg.sampler, cuda_graph=not self.fsdp and sp == 1)
         self.eval_engine = RolloutEngine(self.model.velocity, SamplerConfig(
             num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, sde_type=cfg.sampler.sde_type, eta=0.0,
             cfg_scale=cfg.sampler.cfg_scale))
@@ -161,27 +190,27 @@ class Trainer:
         sample_b, step_t = [], []
         for b in range(b_local):
             g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "steps", iteration,
-                                                          self.rank * b_local + b))
+                                                          self.dp_rank * b_local + b))
             chosen = steps[torch.randperm(len(steps), generator=g)[: self.k_steps]]
             sample_b += [b] * len(chosen)
             step_t += chosen.tolist()
         order = torch.randperm(len(sample_b), generator=torch.Generator().manual_seed(
-            derive_seed(self.cfg.run.seed, "order", iteration, self.rank)))
+            derive_seed(self.cfg.run.seed, "order", iteration, self.dp_rank)))
         return _Pairs(torch.tensor(sample_b)[order], torch.tensor(step_t)[order])
 
     # ------------------------------------------------------------------------------------------
     # one iteration
 
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
+        if self.dp_size > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
+        if self.dp_size == 1:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
+        parts = [torch.empty_like(t) for _ in range(self.dp_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
         return torch.cat(parts)
 
     def step(self) -> dict:
@@ -191,19 +220,20 @@ class Trainer:
         b_local, G = g.samples_per_rank, g.group_size
         with timer("rollout"):
             prompts = self.prompts_for(it)
-            first = self.rank * b_local
+            first = self.dp_rank * b_local  # the sp ranks of a group sample the same videos
             local_prompts = [prompts[(first + b) // G] for b in range(b_local)]
             group_ids = torch.tensor([(first + b) // G for b in range(b_local)], dtype=torch.int64)
             cond = self.task.conditioning(local_prompts)
             shape = (b_local,) + tuple(self.task.latent_shape)
             traj = self.engine.sample(cond, shape, seed=epoch_seed(cfg.run.seed, it), first_sample=first,
-                                      total_samples=b_local * self.world, device=self.device)
+                                      total_samples=b_local * self.dp_size, device=self.device)
         with timer("decode"):
             video = self.task.decode(traj.final)
         with timer("reward"):
             reward = self.task.reward(video, local_prompts)
         with timer("advantages"):
-            adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip, process_group=self.group)
+            adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip,
+                                   process_group=self.dp_group if self.dp_size > 1 else None)
         pairs = self._choose_pairs(it, adv.valid_b)
         v_ref_store = None
         need_ref = self.anchor is not None and not self.anchor.equals_policy
@@ -255,6 +285,8 @@ class Trainer:
             x, x_next, coef, timestep, c = self._pair_inputs(traj, cond, sample_b, step_t)
             last = i == len(batches) - 1
             ctx = sync_ctx() if (sync_ctx is not None and not last) else _null()
+            if self.fsdp:  # accumulate unsharded gradients; reduce-scatter once, on the last micro-batch
+                self.model.transformer.set_requires_gradient_sync(last)
             with ctx:
                 v = self.policy(x, timestep, c, self.cfg.sampler.cfg_scale).to(x.dtype).contiguous()
                 v_ref = None
@@ -268,8 +300,10 @@ class Trainer:
                 terms = grpo_loss(logp, traj.logp_old[step_t, sample_b], adv.adv_b[sample_b].to(self.device),
                                   clip_range=g.clip_range, scale=scale, kl_anchor=kl_a, mode=g.kl_mode,
                                   beta=self.kl.beta, w_anchor=g.w_anchor, w_step=g.w_step, valid=valid)
-                # mean over the global valid pairs: DDP averages over ranks, so scale by the world size
-                weight = float(valid.sum()) * self.world / float(n_valid)
+                # mean over the global valid pairs: DDP / FSDP2 average over all ranks and the sp
+                # ranks of a group hold the same pairs (their average is the group's gradient),
+                # so scale by the number of data-parallel ranks
+                weight = float(valid.sum()) * self.dp_size / float(n_valid)
                 (terms.loss * weight).backward()
             n = int(valid.sum())
             totals["pairs"] += n
@@ -283,13 +317,13 @@ class Trainer:
 
     def _scales(self, step_t: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         step_t = step_t.to(self.device)
-        if self.equalizer.mode != "empirical" or self.world == 1:
+        if self.equalizer.mode != "empirical" or self.dp_size == 1:
             return self.equalizer.scales(step_t, grad_norm)
         # every rank updates its statistics with the same (gathered) norms: identical state everywhere
         all_norms, all_steps = self._gather(grad_norm.detach()), self._gather(step_t)
         scales = self.equalizer.scales(all_steps, all_norms)
         m = step_t.numel()
-        return scales[self.rank * m:(self.rank + 1) * m]
+        return scales[self.dp_rank * m:(self.dp_rank + 1) * m]
 
     def _optimizer_step(self, terms: dict) -> dict:
         params = [p for _, p in self.trainable]
@@ -324,7 +358,7 @@ class Trainer:
             ok = torch.isfinite(score)
             s = self._all_reduce(torch.tensor([float(score[ok].sum()), float(ok.sum())], dtype=torch.float64))
             dims[f"reward/{name}"] = float(s[0] / s[1].clamp(min=1))
-        samples = self.cfg.grpo.samples_per_rank * self.world
+        samples = self.cfg.grpo.samples_per_rank * self.dp_size
         out = {
             "iteration": it + 1,
             "reward/mean": float(sums[0] / sums[1].clamp(min=1)),
@@ -366,17 +400,21 @@ class Trainer:
         return out
 
     def state_dict(self) -> dict:
+        """The full training state. Under FSDP2 every rank must call it (sharded tensors are
+        gathered): the checkpoint holds full tensors, so it resumes under any strategy and rank count."""
         state = {
             "iteration": self.iteration,
-            "model": {n: p.detach().clone() for n, p in self.trainable},
-            "optimizer": self.optimizer.state_dict(),
+            "model": {n: _full(p.detach()).clone() for n, p in self.trainable},
+            "optimizer": self._optimizer_state(),
             "equalizer": self.equalizer.state_dict(),
             "kl": self.kl.state_dict(),
             "nonfinite": {"streak": self.nonfinite_streak, "total": self.nonfinite_total},
             "history": [{k: v for k, v in h.items()} for h in self.history],
         }
         if self.anchor is not None:
-            state["anchor"] = self.anchor.state_dict()
+            anchor = self.anchor.state_dict()
+            anchor["params"] = {n: _full(v) for n, v in anchor["params"].items()}
+            state["anchor"] = anchor
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -386,26 +424,43 @@ class Trainer:
                              f"(e.g. {sorted(set(state['model']) ^ names)[:3]}): same model config needed to resume")
         with torch.no_grad():
             for n, p in self.trainable:
-                p.copy_(state["model"][n])
+                p.copy_(_like(state["model"][n].to(self.device), p))
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # the loaded moments are full tensors: shard them like their parameters
+            for p in self.optimizer.state:
+                for k, v in self.optimizer.state[p].items():
+                    if torch.is_tensor(v) and v.dim() > 0 and not isinstance(v, DTensor):
+                        self.optimizer.state[p][k] = _like(v.to(self.device), p)
         self.equalizer.load_state_dict(state["equalizer"])
         self.kl.load_state_dict(state["kl"])
         if self.anchor is not None:
-            self.anchor.load_state_dict(state["anchor"])
+            anchor = dict(state["anchor"])
+            params = dict(self.trainable)
+            anchor["params"] = {n: _like(v.to(self.device), params[n]) if n in params else v
+                                for n, v in anchor["params"].items()}
+            self.anchor.load_state_dict(anchor)
         self.iteration = int(state["iteration"])
         self.nonfinite_streak = int(state["nonfinite"]["streak"])
         self.nonfinite_total = int(state["nonfinite"]["total"])
         self.history = list(state["history"])
 
+    def _optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        if self.fsdp:
+            state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
+        return state
+
     def save(self) -> None:
         rng = capture_rng_state()
+        state = self.state_dict() if (self.fsdp or self.rank == 0) else None  # collective under FSDP2
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, rng, group=self.group)
         else:
             gathered = [rng]
         if self.rank == 0:
-            self.ckpt.save(self.iteration, self.state_dict(), gathered, meta={"world_size": self.world})
+            self.ckpt.save(self.iteration, state, gathered, meta={"world_size": self.world,
+                                                                  "strategy": self.cfg.dist.strategy})
         if self.world > 1:
             dist.barrier(group=self.group)
 
@@ -419,6 +474,18 @@ class Trainer:
             restore_rng_state(rngs[self.rank])
         log.info("resumed from iteration %d", self.iteration)
         return True
+
+
+def _full(t):
+    """A DTensor's full value (a collective: every rank calls it); other values as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `ref`: sharded the same way when `ref` is a DTensor."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
+    return full
 
 
 class _null:

@@ -188,13 +188,18 @@ def test_cli_runs_evaluates_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2"])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy):
+    """2 ranks (data parallel, or one Ulysses sp=2 group) == 1 rank (gradients), and 1 + 1
+    iterations with a resume == 2 on both ranks."""
     script = ROOT / "tests" / "dist" / "trainer.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           str(script), str(tmp_path), strategy], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK trainer" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.count(f"OK trainer {strategy}") == 2, proc.stdout[-2000:]
+    assert proc.stdout.count(f"OK resume {strategy}") == 2, proc.stdout[-2000:]
 
 
 def test_learning_summary():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
 __all__ = ["ANCHOR_MODES", "Anchor"]
@@ -55,8 +56,21 @@ class Anchor:
 
     @torch.no_grad()
     def forward(self, model: nn.Module, *args, **kwargs):
-        """model(*args, **kwargs) evaluated with the anchor's parameters, without gradients."""
-        return functional_call(model, self.params, args, kwargs, strict=False)
+        """model(*args, **kwargs) evaluated with the anchor's parameters, without gradients.
+
+        Sharded (FSDP2) parameters are swapped in place and restored: FSDP2 all-gathers its own
+        parameters before each block, so `functional_call`'s substitutes would be ignored."""
+        named = dict(model.named_parameters())
+        if not any(isinstance(named[n], DTensor) for n in self.params):
+            return functional_call(model, self.params, args, kwargs, strict=False)
+        saved = {n: named[n].detach().clone() for n in self.params}
+        try:
+            for n, p in self.params.items():
+                named[n].copy_(p)
+            return model(*args, **kwargs)
+        finally:
+            for n, p in saved.items():
+                named[n].copy_(p)
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "params": dict(self.params), "steps_since_refresh": self.steps_since_refresh,

@@ -1,27 +1,43 @@
-"""torchrun --nproc_per_node 2 tests/dist/trainer.py TMP: 2 ranks x 4 samples == 1 rank x 8 samples.
+"""torchrun --nproc_per_node 2 tests/dist/trainer.py TMP [ddp|fsdp2|sp|sp_fsdp2]
 
-Same global batch, prompts, noise and trained steps; DDP averages the gradients. After one
-iteration the gradient of every trainable parameter in the 2-rank run must match the 1-process
-run up to float32 summation order (1e-4 of its largest entry)."""
+1. 2 ranks x 4 samples == 1 rank x 8 samples (ddp, fsdp2), or one sp=2 group x 8 samples ==
+   1 rank x 8 samples (sp: Ulysses splits every video's tokens over the 2 ranks; sp_fsdp2: the
+   same, sharded). Same global batch, prompts, noise and trained steps; DDP averages the
+   gradients, FSDP2 reduce-scatters them. After one iteration the
+   gradient of every trainable parameter in the 2-rank run must match the 1-process run up to
+   float32 summation order (1e-4 of its largest entry).
+2. Checkpoints hold full tensors: 1 + 1 iterations with a save and a resume into a fresh trainer
+   of the same layout equal 2 uninterrupted iterations bitwise, on every rank.
+"""
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_trainer import tiny_cfg  # noqa: E402
 
 from sage_fast.trainer import Trainer  # noqa: E402
 
 
-def main():
-    tmp = __import__("pathlib").Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
-    two = Trainer(tiny_cfg(tmp / f"two{rank}", "grpo.samples_per_rank=4"), rank=rank, world_size=2,
-                  dp_group=dist.group.WORLD)
+def full(t):
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def two_rank_trainer(path, strategy, *extra):
+    layout = {"ddp": ("grpo.samples_per_rank=4", "dist.strategy=ddp"),
+              "fsdp2": ("grpo.samples_per_rank=4", "dist.strategy=fsdp2"),
+              "sp": ("grpo.samples_per_rank=8", "dist.strategy=ddp", "dist.sp=2"),
+              "sp_fsdp2": ("grpo.samples_per_rank=8", "dist.strategy=fsdp2", "dist.sp=2")}[strategy]
+    return Trainer(tiny_cfg(path, *layout, *extra), rank=dist.get_rank(), world_size=2, group=dist.group.WORLD)
+
+
+def check_equals_one_rank(tmp, strategy, rank):
+    two = two_rank_trainer(tmp / f"two{rank}", strategy)
     m_two = two.step()
     one = Trainer(tiny_cfg(tmp / f"one{rank}", "grpo.samples_per_rank=8"))
     m_one = one.step()
@@ -30,16 +46,44 @@ def main():
     # full-size steps.
     worst = 0.0
     for (name, p2), (_, p1) in zip(two.trainable, one.trainable):
-        g1, g2 = p1.grad, p2.grad
-        assert (g1 is None) == (g2 is None), name
+        g1, g2 = p1.grad, full(p2.grad)
         if g1 is None:  # unused parameter (the last block's text branch feeds nothing)
+            assert g2 is None or not g2.any(), name
             continue
+        assert g2 is not None, name
         scale = float(g1.abs().max())
         diff = float((g2 - g1).abs().max())
         assert scale == 0 or diff <= 1e-4 * scale, (name, diff, scale)
         worst = max(worst, diff / max(scale, 1e-30))
     assert abs(m_two["reward/mean"] - m_one["reward/mean"]) < 1e-5, (m_two["reward/mean"], m_one["reward/mean"])
-    print(f"OK trainer rank {rank}: worst relative gradient difference {worst:.2e}", flush=True)
+    print(f"OK trainer {strategy} rank {rank}: worst relative gradient difference {worst:.2e}", flush=True)
+
+
+def check_resume(tmp, strategy, rank):
+    # every rank needs the same run folder: rank 0 writes, all read
+    extra = ("grpo.kl_mode=dual_moving", "grpo.beta=0.05", "grpo.update_ref_every=3")
+    straight = two_rank_trainer(tmp / "straight", strategy, *extra)
+    m_straight = [straight.step() for _ in range(2)]
+    first = two_rank_trainer(tmp / "resumed", strategy, *extra)
+    first.step()
+    first.save()
+    second = two_rank_trainer(tmp / "resumed", strategy, *extra)
+    assert second.resume() and second.iteration == 1
+    m_second = second.step()
+    assert m_second["loss"] == m_straight[1]["loss"], (m_second["loss"], m_straight[1]["loss"])
+    for (name, a), (_, b) in zip(straight.trainable, second.trainable):
+        assert torch.equal(full(a.detach()), full(b.detach())), name
+    print(f"OK resume {strategy} rank {rank}: 1 + 1 iterations == 2, bitwise", flush=True)
+
+
+def main():
+    tmp = Path(sys.argv[1])
+    strategy = sys.argv[2] if len(sys.argv) > 2 else "ddp"
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    check_equals_one_rank(tmp, strategy, rank)
+    check_resume(tmp, strategy, rank)
     dist.destroy_process_group()
 
 
