@@ -81,6 +81,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"sage_fast.kernels": "kernels"},
+    # the world's shipped base model (weights, config, card): the tiny-world recipe loads it
+    package_data={"sage_fast.world": ["assets/base_model/*"]},
     ext_modules=[] if SKIP_EXT else [CMakeExtension("sage_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

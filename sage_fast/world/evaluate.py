@@ -1,0 +1,325 @@
+"""Load, sample and evaluate the world's base model; write its model card.
+
+    model, encoder, world = load_base_model()                  # the shipped checkpoint by default
+    video_bcfhw = sample_videos(model, encoder, prompts, seed=0)  # ODE (Euler), CFG, world's settings
+    python -m sage_fast.world.evaluate [--checkpoint DIR]      # rewrites DIR/MODEL_CARD.md + pictures
+
+Evaluation protocol (`evaluate_checkpoint`): `num_prompts` prompts from `sample_prompts(n,
+EVAL_SEED)` (half of them two-object compositions); for each, the clean render of the scene it
+was drawn from, one base-model sample (seed = row index) and pure N(0, 1) noise decoded to a
+video. Every set is scored by `WorldReward` (VQ, MQ, TA) and `manifold_distance`. Headroom =
+mean(sample score) / mean(clean render score), per dimension.
+
+Leaves to others: the GRPO sampler (this one is the plain deterministic Euler ODE of SPEC
+section 1 with the `ode` coefficients of `sage_fast.grpo.schedule`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sage_fast.grpo.schedule import sigmas as make_sigmas
+from sage_fast.grpo.schedule import step_coefficients
+from sage_fast.models import VelocityModel, load_transformer
+
+from . import codec
+from .manifold import manifold_distance
+from .prompts import WorldTextEncoder, parse_prompt, sample_prompts
+from .render import render
+from .rewards import DIMENSIONS, WorldReward
+
+__all__ = ["DEFAULT_CHECKPOINT", "EVAL_SEED", "load_base_model", "sample_videos", "evaluate_checkpoint",
+           "write_model_card"]
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "base_model"
+EVAL_SEED = 1234
+
+
+def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
+    """(VelocityModel in float32 without autocast, WorldTextEncoder, world dict) of a checkpoint
+    folder written by `pretrain.py` (config.json, safetensors, world.json)."""
+    path = Path(path)
+    world_path = path / "world.json"
+    if not world_path.exists():
+        raise FileNotFoundError(f"{path} is not a world checkpoint: no world.json")
+    world = json.loads(world_path.read_text())
+    transformer = load_transformer(path, device=device).eval().requires_grad_(False)
+    model = VelocityModel(transformer, autocast_dtype=None)
+    encoder = WorldTextEncoder.for_model(transformer.config, seed=world["text_encoder_seed"], device=device)
+    return model, encoder, world
+
+
+@torch.no_grad()
+def sample_videos(model: VelocityModel, encoder: WorldTextEncoder, prompts: list[str], seed: int = 0,
+                  steps: int = 20, shift: float = 3.0, cfg_scale: float = 5.0,
+                  frames: int = 9, height: int = 32, width: int = 32, batch: int = 16) -> torch.Tensor:
+    """Deterministic Euler ODE samples, [B, 3, F, H, W] float32 (decoded, unclipped).
+
+    Row i starts from noise drawn by `torch.Generator().manual_seed(seed + i)`, so a row's sample
+    does not depend on the batch it is computed in."""
+    for p in prompts:
+        parse_prompt(p)
+    C, T, Hp, Wp = codec.latent_shape(frames, height, width)
+    sig = make_sigmas(steps, shift)
+    outs = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        x = torch.stack([torch.randn(C, T, Hp, Wp, generator=torch.Generator().manual_seed(seed + start + i))
+                         for i in range(len(chunk))])
+        cond = encoder.conditioning(chunk, negative=cfg_scale != 1.0)
+        for i in range(steps):
+            a, b, _ = step_coefficients(sig, torch.full((len(chunk),), i), "ode")
+            v = model.velocity(x, 1000.0 * float(sig[i]), cond, cfg_scale=cfg_scale)
+            x = a.float().view(-1, 1, 1, 1, 1) * x + b.float().view(-1, 1, 1, 1, 1) * v
+        outs.append(codec.decode(x))
+    return torch.cat(outs)
+
+
+def _stats(video, prompts, reward) -> dict:
+    out = reward(video, prompts)
+    d = manifold_distance(video)
+    stats = {k: float(v.mean()) for k, v in out.scores.items()}
+    stats.update({f"{k}_std": float(v.std()) for k, v in out.scores.items()})
+    stats["manifold"] = float(d.mean())
+    stats["manifold_median"] = float(d.median())
+    return stats, out, d
+
+
+def evaluate_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 64,
+                        cfg_scales: tuple[float, ...] = ()) -> dict:
+    """Scores of renders, samples and noise on the evaluation prompts (see module doc)."""
+    model, encoder, world = load_base_model(path)
+    smp = world["sampling"]
+    prompts, scene = sample_prompts(num_prompts, EVAL_SEED)
+    reward = WorldReward("averaged")
+    renders = render(scene)
+    t0 = time.time()
+    samples = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"],
+                            cfg_scale=smp["cfg_scale"])
+    sample_s = time.time() - t0
+    noise = codec.decode(torch.randn(codec.encode(renders).shape, generator=torch.Generator().manual_seed(7)))
+    result = {"prompts": prompts, "sampling": smp, "sample_seconds": round(sample_s, 1)}
+    two = torch.tensor([len(parse_prompt(p)) == 2 for p in prompts])
+    for name, video in (("render", renders), ("sample", samples), ("noise", noise)):
+        stats, out, d = _stats(video, prompts, reward)
+        for subset, sel in (("one_object", ~two), ("two_objects", two)):
+            stats[subset] = {k: float(v[sel].mean()) for k, v in out.scores.items()}
+            stats[subset]["manifold"] = float(d[sel].mean())
+        result[name] = stats
+    result["headroom"] = {k: result["sample"][k] / result["render"][k] for k in DIMENSIONS}
+    result["cfg_sweep"] = {}
+    for cfg in cfg_scales:
+        video = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"], cfg_scale=cfg)
+        stats, _, _ = _stats(video, prompts, reward)
+        result["cfg_sweep"][str(cfg)] = {k: stats[k] for k in (*DIMENSIONS, "manifold")}
+    result["_videos"] = {"render": renders, "sample": samples}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (Pillow)
+
+
+def _to_image(frame_3hw: torch.Tensor, zoom: int):
+    from PIL import Image  # noqa: PLC0415
+
+    arr = ((frame_3hw.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr, "RGB")
+    return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+
+
+def save_grid(path: Path, prompts, renders, samples, rows: int = 8, frames=(0, 2, 4, 6, 8), zoom: int = 3) -> None:
+    """PNG: one row per prompt, frames of the clean render (left) then of the sample (right)."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    H, W = renders.shape[-2] * zoom, renders.shape[-1] * zoom
+    pad, text_h = 4, 14
+    cols = 2 * len(frames)
+    grid = Image.new("RGB", (cols * (W + pad) + pad * 3, rows * (H + pad + text_h) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        y = pad + r * (H + pad + text_h)
+        draw.text((pad, y), f"{prompts[r]}   [render | base model]", fill=(0, 0, 0))
+        for j, f in enumerate(frames):
+            for side, video in enumerate((renders, samples)):
+                x = pad + side * (len(frames) * (W + pad) + 2 * pad) + j * (W + pad)
+                grid.paste(_to_image(video[r, :, f], zoom), (x, y + text_h))
+    grid.save(path)
+
+
+def save_gif(path: Path, renders, samples, rows: int = 8, zoom: int = 3) -> None:
+    """Animated GIF: top row clean renders, bottom row base-model samples of the same prompts."""
+    from PIL import Image  # noqa: PLC0415
+
+    H, W = renders.shape[-2] * zoom, renders.shape[-1] * zoom
+    pad = 4
+    images = []
+    for f in range(renders.shape[2]):
+        canvas = Image.new("RGB", (rows * (W + pad) + pad, 2 * (H + pad) + pad), (255, 255, 255))
+        for r in range(rows):
+            canvas.paste(_to_image(renders[r, :, f], zoom), (pad + r * (W + pad), pad))
+            canvas.paste(_to_image(samples[r, :, f], zoom), (pad + r * (W + pad), 2 * pad + H))
+        images.append(canvas)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=150, loop=0)
+
+
+def save_loss_curve(path: Path, log_rows: list[dict], size=(480, 240)) -> None:
+    """PNG line plot of the logged training loss (log scale) against the step."""
+    import math  # noqa: PLC0415
+
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    m = 30
+    steps = [r["step"] for r in log_rows]
+    losses = [math.log10(r["loss"]) for r in log_rows]
+    lo, hi = min(losses), max(losses)
+    pts = [(m + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (size[0] - 2 * m),
+            size[1] - m - (v - lo) / max(1e-9, hi - lo) * (size[1] - 2 * m)) for s, v in zip(steps, losses)]
+    draw.rectangle([m, m, size[0] - m, size[1] - m], outline=(160, 160, 160))
+    draw.line(pts, fill=(30, 80, 200), width=2)
+    draw.text((m, 8), f"train loss (log10) {10 ** hi:.3f} -> {10 ** lo:.3f}, steps {steps[0]}..{steps[-1]}",
+              fill=(0, 0, 0))
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def _row(name, s):
+    return f"| {name} | {s['vq']:.3f} | {s['mq']:.3f} | {s['ta']:.3f} | {s['manifold']:.3f} |"
+
+
+def write_model_card(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 64,
+                     cfg_scales: tuple[float, ...] = (1.0, 3.0, 8.0)) -> dict:
+    """Evaluate the checkpoint at `path` and write MODEL_CARD.md, eval.json, samples.png,
+    samples.gif and loss.png next to it. Returns the evaluation dict (without videos)."""
+    path = Path(path)
+    t0 = time.time()
+    result = evaluate_checkpoint(path, num_prompts, cfg_scales)
+    videos = result.pop("_videos")
+    prompts = result["prompts"]
+    save_grid(path / "samples.png", prompts, videos["render"], videos["sample"])
+    save_gif(path / "samples.gif", videos["render"], videos["sample"])
+    world = json.loads((path / "world.json").read_text())
+    log_rows = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    save_loss_curve(path / "loss.png", log_rows)
+    (path / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    config = json.loads((path / "config.json").read_text())
+    tr = world["train"]
+    h = result["headroom"]
+    in_window = h["vq"] >= 0.8 and h["mq"] >= 0.8 and h["ta"] <= 0.7
+    every = max(1, len(log_rows) // 12)
+    loss_table = "\n".join(f"| {r['step']} | {r['loss']:.4f} | {r['elapsed_s'] / 60:.1f} |"
+                           for r in log_rows[::every] + ([log_rows[-1]] if (len(log_rows) - 1) % every else []))
+    sweep = "\n".join(f"| {cfg} | {s['vq']:.3f} | {s['mq']:.3f} | {s['ta']:.3f} | {s['manifold']:.3f} |"
+                      for cfg, s in result["cfg_sweep"].items())
+    smp = result["sampling"]
+    r, s, n = result["render"], result["sample"], result["noise"]
+    text = f"""# Base model of the synthetic world
+
+A tiny `HunyuanVideo15Transformer3DModel` (diffusers class, same adapter as the trainer:
+`sage_fast.models`) pretrained by flow matching on the synthetic video world
+(`sage_fast.world`): 9 frames of 32 x 32 RGB, one or two objects (circle / square / triangle,
+6 colours, 2 sizes, moving left / right / up / down) on a grey background. It is the default
+base policy of the tiny-world recipe: GRPO starts from here.
+
+- Made by (from the repository root, CPU): `{world['command']}`, then
+  `python -m sage_fast.world.evaluate` (this card; {time.time() - t0:.0f} s).
+- Training: {tr['steps_done']} steps (planned {tr['steps_planned']}{', stopped by the time budget' if tr['stopped_early'] else ''}) x batch {tr['batch']},
+  AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%), grad clip 1, EMA {tr['ema']} (the EMA weights are shipped),
+  condition dropout {tr['cond_dropout']} (empty prompt = CFG negative), sigma ~ logit-normal(0, 1) (90%) / uniform (10%),
+  data: fresh renders every step (`sample_scenes(batch, seed * 1000003 + step)`), two-object probability {tr['two_object_prob']}.
+  Wall time {tr['train_seconds'] / 60:.1f} min on {tr['threads']} CPU threads; final logged loss {log_rows[-1]['loss']:.4f}.
+- Model: {tr['parameters'] / 1e6:.2f}M parameters (4.2M of them are the class's fixed-width 2048 ByT5 projection),
+  weights stored as float16 (loaded as float32). Latents: `codec.encode` (space-to-depth {world['patch']}x{world['patch']}, x{world['latent_scale']:g}),
+  {_latent_line(world)}. Text: `WorldTextEncoder` (frozen, seed {world['text_encoder_seed']}).
+- Sampling used below: Euler ODE, {smp['steps']} steps, shift {smp['shift']}, CFG {smp['cfg_scale']}
+  (`evaluate.sample_videos`), seed = row index.
+
+Architecture (config.json): heads {config['num_attention_heads']} x {config['attention_head_dim']}, {config['num_layers']} double-stream
+blocks, {config['num_refiner_layers']} refiner block, mlp ratio {config['mlp_ratio']}, RoPE axes {config['rope_axes_dim']},
+in/out channels {config['in_channels']}/{config['out_channels']}, text widths {config['text_embed_dim']}/{config['text_embed_2_dim']}.
+
+## Rewards and manifold distance of samples
+
+{num_prompts} evaluation prompts (`sample_prompts({num_prompts}, {EVAL_SEED})`, half two-object compositions).
+Rewards in [0, 1] (`WorldReward`, see `rewards.py`); manifold = RMS distance to the best re-rendering
+(`manifold.py`, RGB units of [-1, 1]); means over prompts.
+
+| videos | VQ | MQ | TA | manifold distance |
+|---|---|---|---|---|
+{_row('clean renders', r)}
+{_row('base-model samples', s)}
+{_row('pure noise', n)}
+{_row('samples, one object', {**s['one_object']})}
+{_row('samples, two objects', {**s['two_objects']})}
+{_row('renders, two objects', {**r['two_objects']})}
+
+Sample std over prompts: VQ {s['vq_std']:.3f}, MQ {s['mq_std']:.3f}, TA {s['ta_std']:.3f}; median manifold distance {s['manifold_median']:.3f}.
+
+## Headroom for RL
+
+Samples / clean renders: **VQ {h['vq']:.1%}, MQ {h['mq']:.1%}, TA {h['ta']:.1%}**
+(target: VQ and MQ >= 80%, TA <= 70%): {'inside the window' if in_window else 'OUTSIDE the window (see Notes)'}.
+
+CFG sweep (same prompts and seeds, same ODE):
+
+| CFG | VQ | MQ | TA | manifold |
+|---|---|---|---|---|
+{sweep}
+
+## Loss curve
+
+![loss](loss.png)
+
+| step | loss (mean since last log) | minutes |
+|---|---|---|
+{loss_table}
+
+## Samples
+
+Each row: frames 0, 2, 4, 6, 8 of the clean render of the prompt (left) and of the base
+model's sample (right). The GIF plays all 9 frames (top: renders, bottom: samples).
+
+![grid](samples.png)
+
+![gif](samples.gif)
+{_notes(path)}"""
+    (path / "MODEL_CARD.md").write_text(text)
+    return result
+
+
+def _latent_line(world: dict) -> str:
+    C, T, Hp, Wp = codec.latent_shape(world["frames"], world["height"], world["width"], world["patch"])
+    return f"{C} channels x {T} x {Hp} x {Wp} = {T * Hp * Wp} tokens"
+
+
+def _notes(path: Path) -> str:
+    """The hand-written NOTES.md of the checkpoint folder (history, known limits), if any."""
+    notes = path / "NOTES.md"
+    return "\n## Notes\n\n" + notes.read_text().strip() + "\n" if notes.exists() else ""
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sage_fast.world.evaluate")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = write_model_card(args.checkpoint, args.prompts)
+    print(json.dumps({k: result[k] for k in ("headroom", "sample_seconds")}, indent=1))
+    for name in ("render", "sample", "noise"):
+        print(name, {k: round(result[name][k], 3) for k in (*DIMENSIONS, "manifold")})
+
+
+if __name__ == "__main__":
+    main()
