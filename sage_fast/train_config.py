@@ -80,8 +80,8 @@ class RunConfig:
 
 @dataclass
 class WorldConfig:
-    frames: int = 9
-    """Video frames (4k+1)."""
+    frames: int = 5
+    """Video frames (4k+1; the shipped base model was trained on 5, see its world.json)."""
     height: int = 32
     """Video height in pixels (a multiple of the codec's patch)."""
     width: int = 32

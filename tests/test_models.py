@@ -12,8 +12,9 @@ import torch
 from tolerance import assert_within_baseline
 
 from sage_fast.attention import install_attention
-from sage_fast.models import (Conditioning, VelocityModel, VelocityModelConfig, apply_lora, architecture,
-                              build_transformer, build_velocity_model, load_transformer, random_conditioning)
+from sage_fast.models import (Conditioning, VelocityModel, VelocityModelConfig, adaln_zero_init_, apply_lora,
+                              architecture, build_transformer, build_velocity_model, load_transformer,
+                              random_conditioning)
 
 LATENT = (21, 3, 5)  # 21 latent frames (81 video frames), odd spatial size
 
@@ -161,6 +162,33 @@ def test_bf16_autocast_keeps_fp32_master_weights(tiny):
     err = float((v.detach().double() - ref64.detach()).abs().max())
     scale = float(ref64.detach().abs().max())
     assert 1e-4 * scale < err < 0.05 * scale, (err, scale)  # bf16 rounding really happened, and only that
+
+
+def test_adaln_zero_init_makes_every_block_the_identity_and_the_velocity_zero():
+    model = adaln_zero_init_(build_transformer("tiny", seed=0))
+    install_attention(model, "sdpa")
+    latents, cond = _inputs(model.config, 2, latent=(3, 2, 3))
+    policy = VelocityModel(model, autocast_dtype=None)
+    v = policy.velocity(latents, torch.tensor([900.0, 50.0]), cond, cfg_scale=3.0)
+    assert torch.equal(v, torch.zeros_like(v))
+    # the blocks are the identity on both streams: hooks see their inputs come out unchanged
+    seen = []
+
+    def same_out_as_in(module, args, kwargs, out):
+        video = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        seen.append(torch.equal(out[0], video) and torch.equal(out[1], text))
+
+    hooks = [b.register_forward_hook(same_out_as_in, with_kwargs=True) for b in model.transformer_blocks]
+    policy.velocity(latents, torch.tensor([900.0, 50.0]), cond)
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(model.transformer_blocks) and all(seen)
+    # and it still trains: the gates get gradients
+    policy.velocity(latents, torch.tensor([500.0, 500.0]), cond).sum().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="HunyuanVideo-1.5 transformer"):
+        adaln_zero_init_(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_build_velocity_model_full_and_lora():

@@ -9,7 +9,7 @@ from sage_fast.world import codec
 from sage_fast.world.manifold import fit_scene, manifold_distance
 from sage_fast.world.prompts import (VOCABULARY, WorldTextEncoder, describe_scenes, parse_prompt, read_prompts,
                                      sample_prompts, write_prompts)
-from sage_fast.world.render import COLOURS, SHAPES, coverage, render, sample_scenes
+from sage_fast.world.render import COLOURS, FRAMES, SHAPES, coverage, render, sample_scenes
 from sage_fast.world.rewards import WEIGHTS, WorldReward, motion_quality, text_alignment, visual_quality
 
 N = 48  # videos per ranking test: means over many seeds
@@ -32,9 +32,9 @@ def test_renderer_is_deterministic_and_independent_of_global_rng():
 def test_render_shape_range_and_objects_inside_and_apart():
     scene = sample_scenes(64, seed=0, two_object_prob=1.0)
     video = render(scene)
-    assert video.shape == (64, 3, 9, 32, 32) and video.dtype == torch.float32
+    assert video.shape == (64, 3, FRAMES, 32, 32) and video.dtype == torch.float32
     assert video.min() >= -1 and video.max() <= 1
-    t = torch.arange(9.0).view(1, 9, 1, 1)
+    t = torch.arange(float(FRAMES)).view(1, FRAMES, 1, 1)
     cov = coverage(scene.shape_bo, scene.size_bo, scene.pos_bo2[:, None] + t * scene.vel_bo2[:, None], 32, 32)
     two = scene.present_bo[:, 1]
     assert two.float().mean() > 0.9  # the placement fallback (one object) is rare
@@ -51,7 +51,7 @@ def test_render_shape_range_and_objects_inside_and_apart():
 def test_codec_is_exact_both_ways():
     video = render(sample_scenes(4, seed=1))
     z = codec.encode(video)
-    assert z.shape == (4, codec.latent_channels(), 9, 32 // codec.PATCH, 32 // codec.PATCH)
+    assert z.shape == (4, codec.latent_channels(), FRAMES, 32 // codec.PATCH, 32 // codec.PATCH)
     assert torch.equal(codec.decode(z), video)
     noise = torch.randn(2, codec.latent_channels(), 5, 3, 7, dtype=torch.float64)
     assert torch.equal(codec.encode(codec.decode(noise)), noise)
@@ -200,7 +200,7 @@ def test_reward_failures_are_nan_or_errors_never_zero():
 
 def test_reward_weights():
     prompts, scene = sample_prompts(4, seed=0)
-    video = render(scene) + 0.1 * torch.randn(4, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0))
+    video = render(scene) + 0.1 * torch.randn(4, 3, FRAMES, 32, 32, generator=torch.Generator().manual_seed(0))
     out = WorldReward("alignment")(video, prompts)
     s = out.scores
     assert torch.allclose(out.total, 0.5 * s["vq"] + 0.5 * s["mq"] + 1.0 * s["ta"])
@@ -284,9 +284,19 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     assert any(p.requires_grad for p in policy.parameters())
     model, enc, _ = load_base_model(out)
     video = sample_videos(model, enc, ["a red circle moving left"], steps=2)
-    assert video.shape == (1, 3, 9, 32, 32) and torch.isfinite(video).all()
+    assert video.shape == (1, 3, FRAMES, 32, 32) and torch.isfinite(video).all()
     with pytest.raises(ValueError, match="cond-dropout"):
         main(["--out", str(out), "--cond-dropout", "1.5"])
+    for bad, match in ((["--frames", "6"], "--frames must be 4k\\+1"), (["--sigma-shift", "0"], "--sigma-shift"),
+                       (["--uniform-frac", "1.5"], "--uniform-frac")):
+        with pytest.raises(ValueError, match=match):
+            main(["--out", str(out), *bad])
+    # continued pretraining starts from the checkpoint's weights and keeps its architecture
+    more = tmp_path / "more"
+    main(["--out", str(more), "--init-from", str(out), "--steps", "1", "--batch", "2", "--threads", "1", "--skip-eval"])
+    w2 = json.loads((more / "world.json").read_text())
+    assert w2["train"]["init_from"] == str(out) and w2["train"]["architecture_overrides"]["num_layers"] == 1
+    assert load_transformer(more).config.num_attention_heads == 2
 
 
 def test_shapes_and_palette_sizes():

@@ -54,6 +54,7 @@ __all__ = [
     "TextEmbeddings",
     "VelocityModel",
     "VelocityModelConfig",
+    "adaln_zero_init_",
     "apply_lora",
     "build_transformer",
     "build_velocity_model",
@@ -318,6 +319,31 @@ def build_transformer(name: str = "tiny", *, seed: int | None = 0, device="cpu",
             torch.manual_seed(seed)
         model = _transformer_class()(**config)
     return model.to(device)  # float32: the class builds its parameters in the default dtype
+
+
+def adaln_zero_init_(transformer: nn.Module) -> nn.Module:
+    """DiT's adaLN-Zero initialisation, in place, for training from scratch (Peebles & Xie 2023).
+
+    Zeroes the weight and bias of every modulation layer that produces a residual gate (the
+    double-stream blocks' `norm1` / `norm1_context`, the token refiner's `norm_out`), the final
+    modulation `norm_out` and `proj_out`: every block starts as the identity and the velocity
+    as 0, so early updates shape one residual path at a time instead of fighting O(1) random
+    outputs. The class itself zero-initialises nothing (it expects pretrained weights). Loaded
+    checkpoints must not be passed through this.
+    """
+    names = []
+    for name, module in transformer.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        is_modulation = leaf == "linear" and name.rsplit(".", 2)[-2:-1] in (["norm1"], ["norm1_context"], ["norm_out"])
+        if is_modulation or name == "proj_out":
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"adaln_zero_init_: expected nn.Linear at {name}, got {type(module).__name__}")
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+            names.append(name)
+    if "proj_out" not in names or not any(n.endswith("norm1.linear") for n in names):
+        raise ValueError("adaln_zero_init_ expects a HunyuanVideo-1.5 transformer (proj_out, blocks' norm1.linear)")
+    return transformer
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -7,7 +7,7 @@ Space-to-depth (pixel unshuffle) by the patch p = PATCH = 4 in each spatial dire
 temporal compression, times a fixed scale LATENT_SCALE. Space-to-depth is a permutation, so the
 map is orthogonal up to the scale: `decode(encode(v)) == v` bit for bit when LATENT_SCALE is a
 power of two (it is: 2.0), and any latent decodes to some video (the map is a bijection).
-Default sizes: video [B, 3, 9, 32, 32] <-> latents [B, 48, 9, 8, 8] = 576 tokens per sample
+Default sizes: video [B, 3, 5, 32, 32] <-> latents [B, 48, 5, 8, 8] = 320 tokens per sample
 (patch 1x1x1 in the transformer). Patch 8 (144 tokens of 192 channels) was tried and learns
 slower per second on the CPU: the velocity must carry each token's 192-d noise through the
 128-wide model (docs/LOG.md, 2026-11-22).

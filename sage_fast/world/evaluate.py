@@ -30,7 +30,7 @@ from sage_fast.models import VelocityModel, load_transformer
 from . import codec
 from .manifold import manifold_distance
 from .prompts import WorldTextEncoder, parse_prompt, sample_prompts
-from .render import render
+from .render import FRAMES, HEIGHT, WIDTH, render
 from .rewards import DIMENSIONS, WorldReward
 
 __all__ = ["DEFAULT_CHECKPOINT", "EVAL_SEED", "load_base_model", "sample_videos", "evaluate_checkpoint",
@@ -57,7 +57,7 @@ def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
 @torch.no_grad()
 def sample_videos(model: VelocityModel, encoder: WorldTextEncoder, prompts: list[str], seed: int = 0,
                   steps: int = 20, shift: float = 3.0, cfg_scale: float = 5.0,
-                  frames: int = 9, height: int = 32, width: int = 32, batch: int = 16) -> torch.Tensor:
+                  frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH, batch: int = 16) -> torch.Tensor:
     """Deterministic Euler ODE samples, [B, 3, F, H, W] float32 (decoded, unclipped).
 
     Row i starts from noise drawn by `torch.Generator().manual_seed(seed + i)`, so a row's sample
@@ -95,12 +95,13 @@ def evaluate_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int 
     """Scores of renders, samples and noise on the evaluation prompts (see module doc)."""
     model, encoder, world = load_base_model(path)
     smp = world["sampling"]
-    prompts, scene = sample_prompts(num_prompts, EVAL_SEED)
+    size = dict(frames=world["frames"], height=world["height"], width=world["width"])
+    prompts, scene = sample_prompts(num_prompts, EVAL_SEED, **size)
     reward = WorldReward("averaged")
-    renders = render(scene)
+    renders = render(scene, **size)
     t0 = time.time()
     samples = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"],
-                            cfg_scale=smp["cfg_scale"])
+                            cfg_scale=smp["cfg_scale"], **size)
     sample_s = time.time() - t0
     noise = codec.decode(torch.randn(codec.encode(renders).shape, generator=torch.Generator().manual_seed(7)))
     result = {"prompts": prompts, "sampling": smp, "sample_seconds": round(sample_s, 1)}
@@ -114,7 +115,8 @@ def evaluate_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int 
     result["headroom"] = {k: result["sample"][k] / result["render"][k] for k in DIMENSIONS}
     result["cfg_sweep"] = {}
     for cfg in cfg_scales:
-        video = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"], cfg_scale=cfg)
+        video = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"], cfg_scale=cfg,
+                              **size)
         stats, _, _ = _stats(video, prompts, reward)
         result["cfg_sweep"][str(cfg)] = {k: stats[k] for k in (*DIMENSIONS, "manifold")}
     result["_videos"] = {"render": renders, "sample": samples}
@@ -133,9 +135,14 @@ def _to_image(frame_3hw: torch.Tensor, zoom: int):
     return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
 
 
-def save_grid(path: Path, prompts, renders, samples, rows: int = 8, frames=(0, 2, 4, 6, 8), zoom: int = 3) -> None:
-    """PNG: one row per prompt, frames of the clean render (left) then of the sample (right)."""
+def save_grid(path: Path, prompts, renders, samples, rows: int = 8, frames=None, zoom: int = 3) -> None:
+    """PNG: one row per prompt, frames of the clean render (left) then of the sample (right);
+    frames: indices to show (default: every frame up to 5, else every other one)."""
     from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    if frames is None:
+        n = renders.shape[2]
+        frames = tuple(range(n)) if n <= 5 else tuple(range(0, n, 2))
 
     H, W = renders.shape[-2] * zoom, renders.shape[-1] * zoom
     pad, text_h = 4, 14
@@ -227,7 +234,7 @@ def write_model_card(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 6
 
 A tiny `HunyuanVideo15Transformer3DModel` (diffusers class, same adapter as the trainer:
 `sage_fast.models`) pretrained by flow matching on the synthetic video world
-(`sage_fast.world`): 9 frames of 32 x 32 RGB, one or two objects (circle / square / triangle,
+(`sage_fast.world`): {world['frames']} frames of {world['height']} x {world['width']} RGB, one or two objects (circle / square / triangle,
 6 colours, 2 sizes, moving left / right / up / down) on a grey background. It is the default
 base policy of the tiny-world recipe: GRPO starts from here.
 
@@ -235,7 +242,7 @@ base policy of the tiny-world recipe: GRPO starts from here.
   `python -m sage_fast.world.evaluate` (this card; {time.time() - t0:.0f} s).
 - Training: {tr['steps_done']} steps (planned {tr['steps_planned']}{', stopped by the time budget' if tr['stopped_early'] else ''}) x batch {tr['batch']},
   AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%), grad clip 1, EMA {tr['ema']} (the EMA weights are shipped),
-  condition dropout {tr['cond_dropout']} (empty prompt = CFG negative), sigma ~ logit-normal(0, 1) (90%) / uniform (10%),
+  condition dropout {tr['cond_dropout']} (empty prompt = CFG negative), {_sigma_line(tr)}, init {tr.get('init', 'default')},
   data: fresh renders every step (`sample_scenes(batch, seed * 1000003 + step)`), two-object probability {tr['two_object_prob']}.
   Wall time {tr['train_seconds'] / 60:.1f} min on {tr['threads']} CPU threads; final logged loss {log_rows[-1]['loss']:.4f}.
 - Model: {tr['parameters'] / 1e6:.2f}M parameters (4.2M of them are the class's fixed-width 2048 ByT5 projection),
@@ -286,8 +293,8 @@ CFG sweep (same prompts and seeds, same ODE):
 
 ## Samples
 
-Each row: frames 0, 2, 4, 6, 8 of the clean render of the prompt (left) and of the base
-model's sample (right). The GIF plays all 9 frames (top: renders, bottom: samples).
+Each row: frames {_frames_shown(world['frames'])} of the clean render of the prompt (left) and of the base
+model's sample (right). The GIF plays all {world['frames']} frames (top: renders, bottom: samples).
 
 ![grid](samples.png)
 
@@ -295,6 +302,17 @@ model's sample (right). The GIF plays all 9 frames (top: renders, bottom: sample
 {_notes(path)}"""
     (path / "MODEL_CARD.md").write_text(text)
     return result
+
+
+def _sigma_line(tr: dict) -> str:
+    """The training sigma distribution as pretrain.py drew it (older checkpoints: unshifted, 10% uniform)."""
+    shift, uniform = tr.get("sigma_shift", 1.0), tr.get("uniform_frac", 0.1)
+    return (f"sigma = shift_{shift:g}(u), u ~ logit-normal(0, 1) ({1 - uniform:.0%}) / uniform ({uniform:.0%})"
+            if shift != 1.0 else f"sigma ~ logit-normal(0, 1) ({1 - uniform:.0%}) / uniform ({uniform:.0%})")
+
+
+def _frames_shown(n: int) -> str:
+    return ", ".join(str(f) for f in (range(n) if n <= 5 else range(0, n, 2)))
 
 
 def _latent_line(world: dict) -> str:

@@ -6,7 +6,11 @@ uses) by flow matching on freshly rendered videos of the world (SPEC section 1):
     x0 = encode(render(scene)),  x1 ~ N(0, I),  x_sigma = (1 - sigma) x0 + sigma x1
     loss = mean (v_theta(x_sigma, 1000 sigma, text) - (x1 - x0))^2
 
-with sigma ~ logit-normal(0, 1) (90%) or uniform (10%), and condition dropout: with probability
+with sigma = shift_s(u), u ~ logit-normal(0, 1) (70%) or uniform (30%, `--uniform-frac`), where
+shift_s(u) = s u / (1 + (s - 1) u) is the sampling schedule's shift (SPEC section 1; s = 3 by
+default, the world's sampling shift), so training spends its steps where the sampler does (a
+shift-3, 20-step ODE takes 5 of its 20 steps above sigma 0.9, where unshifted logit-normal
+training puts 2% of its samples; docs/LOG.md, 2026-11-24). Condition dropout: with probability
 `cond_dropout` the prompt is replaced by the empty prompt "" (the CFG negative), so one model
 gives both halves of classifier-free guidance. The data are infinite: step i renders
 `sample_scenes(batch, seed + i)`; nothing is read from disk.
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from sage_fast.models import VelocityModelConfig, build_velocity_model
+from sage_fast.models import VelocityModelConfig, adaln_zero_init_, build_velocity_model
 
 from . import codec
 from .prompts import WorldTextEncoder, describe_scenes
@@ -88,10 +92,22 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--two-object-prob", type=float, default=0.5)
+    p.add_argument("--frames", type=int, default=FRAMES, help="video frames (4k+1); recorded in world.json")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--uniform-frac", type=float, default=0.3,
+                   help="share of training sigmas drawn uniformly in u (before the shift) instead of logit-normal")
+    p.add_argument("--sampling-cfg", type=float, default=3.0,
+                   help="CFG scale recorded in world.json for sampling (evaluation; the trainer's rollouts use their own)")
+    p.add_argument("--sigma-shift", type=float, default=3.0,
+                   help="shift applied to the logit-normal training sigmas (1 = unshifted); match the sampling shift")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from the weights of this world checkpoint folder (continued pretraining)")
+    p.add_argument("--init", choices=("adaln_zero", "default"), default="adaln_zero",
+                   help="adaln_zero: DiT's zero-initialised gates and output (sage_fast.models.adaln_zero_init_); "
+                        "default: the class's own random init")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-budget-min", type=float, default=40.0,
@@ -104,6 +120,12 @@ def parse_args(argv=None):
     for name in ("steps", "batch", "warmup", "heads", "layers", "threads", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.frames < 5 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames must be 4k+1 with k >= 1 (5, 9, 17, ...), got {args.frames}")
+    if not 0.0 <= args.uniform_frac <= 1.0:
+        raise ValueError(f"--uniform-frac must be in [0, 1], got {args.uniform_frac}")
+    if not args.sigma_shift > 0:
+        raise ValueError(f"--sigma-shift must be > 0, got {args.sigma_shift}")
     if not 0.0 <= args.cond_dropout < 1.0:
         raise ValueError(f"--cond-dropout must be in [0, 1), got {args.cond_dropout}")
     return args
@@ -116,7 +138,14 @@ def train(args) -> dict:
     overrides = model_overrides(args.heads, args.head_dim, args.layers, args.mlp_ratio)
     cfg = VelocityModelConfig(architecture="tiny", finetune="full", autocast_dtype="none",
                               attention_backend="sdpa", architecture_overrides=overrides)
+    if args.init_from is not None:
+        cfg = VelocityModelConfig(checkpoint=str(args.init_from), finetune="full", autocast_dtype="none",
+                                  attention_backend="sdpa")
     model = build_velocity_model(cfg, seed=args.seed)
+    if args.init_from is not None:
+        overrides = {k: model.transformer.config[k] for k in overrides}
+    elif args.init == "adaln_zero":
+        adaln_zero_init_(model.transformer)
     model.train()
     ema = copy.deepcopy(model.transformer).requires_grad_(False)
     encoder = WorldTextEncoder.for_model(model.transformer.config)
@@ -133,15 +162,17 @@ def train(args) -> dict:
     print(f"pretrain: {n_params / 1e6:.2f}M parameters, {args.steps} steps x batch {args.batch}, "
           f"threads {args.threads}, out {out}", flush=True)
     for step in range(args.steps):
-        scene = sample_scenes(args.batch, args.seed * 1_000_003 + step, two_object_prob=args.two_object_prob)
+        scene = sample_scenes(args.batch, args.seed * 1_000_003 + step, two_object_prob=args.two_object_prob,
+                              frames=args.frames)
         prompts = describe_scenes(scene)
         drop = torch.rand(args.batch, generator=g) < args.cond_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        x0 = codec.encode(render(scene))  # [B, 48, 9, 8, 8]
+        x0 = codec.encode(render(scene, frames=args.frames))  # [B, 48, F, 8, 8]
         x1 = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g))
-        uniform = torch.rand(args.batch, generator=g) < 0.1
+        uniform = torch.rand(args.batch, generator=g) < args.uniform_frac
         sigma = torch.where(uniform, torch.rand(args.batch, generator=g), sigma)
+        sigma = args.sigma_shift * sigma / (1 + (args.sigma_shift - 1) * sigma)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * x1
         for group in opt.param_groups:
@@ -171,12 +202,14 @@ def train(args) -> dict:
     log_f.close()
     train_s = time.time() - t0
     world = {
-        "frames": FRAMES, "height": HEIGHT, "width": WIDTH, "patch": codec.PATCH,
+        "frames": args.frames, "height": HEIGHT, "width": WIDTH, "patch": codec.PATCH,
         "latent_scale": codec.LATENT_SCALE, "text_encoder_seed": 0,
-        "sampling": {"steps": 20, "shift": 3.0, "cfg_scale": 5.0, "sampler": "ode"},
+        "sampling": {"steps": 20, "shift": 3.0, "cfg_scale": args.sampling_cfg, "sampler": "ode"},
         "train": {"steps_done": step + 1, "steps_planned": args.steps, "batch": args.batch, "lr": args.lr,
                   "warmup": args.warmup, "ema": args.ema, "cond_dropout": args.cond_dropout,
-                  "two_object_prob": args.two_object_prob, "seed": args.seed, "threads": args.threads,
+                  "two_object_prob": args.two_object_prob, "seed": args.seed, "init": args.init,
+                  "init_from": None if args.init_from is None else str(args.init_from), "sigma_shift": args.sigma_shift,
+                  "uniform_frac": args.uniform_frac, "threads": args.threads,
                   "train_seconds": round(train_s, 1), "stopped_early": stopped_early,
                   "parameters": n_params, "architecture_overrides": overrides},
         "command": "python -m sage_fast.world.pretrain " + " ".join(shlex.quote(a) for a in args.argv),

@@ -121,10 +121,11 @@ def describe_scenes(scene: Scene, with_size: bool = True) -> list[str]:
     return prompts
 
 
-def sample_prompts(n: int, seed: int, two_object_prob: float = 0.5) -> tuple[list[str], Scene]:
+def sample_prompts(n: int, seed: int, two_object_prob: float = 0.5, **size) -> tuple[list[str], Scene]:
     """n prompts from the grammar and the scenes they describe (deterministic for `seed`).
-    Rendering the returned scenes gives a clean, on-prompt video for each prompt."""
-    scene = sample_scenes(n, seed, two_object_prob=two_object_prob)
+    Rendering the returned scenes gives a clean, on-prompt video for each prompt; `size`
+    (frames, height, width) is passed to `sample_scenes` so the objects stay in frame."""
+    scene = sample_scenes(n, seed, two_object_prob=two_object_prob, **size)
     return describe_scenes(scene), scene
 
 

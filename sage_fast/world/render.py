@@ -43,8 +43,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # The world's constants (the manifold): changing any of these changes every reward and checkpoint.
 
-#: Default video size: 9 = 4k + 1 frames, 32 x 32 pixels.
-FRAMES, HEIGHT, WIDTH = 9, 32, 32
+#: Default video size: 5 = 4k + 1 frames, 32 x 32 pixels (5 rather than 9: half the tokens, so
+#: CPU pretraining sees twice the videos per minute; docs/LOG.md, 2026-11-24).
+FRAMES, HEIGHT, WIDTH = 5, 32, 32
 #: Background RGB in [-1, 1]: mid grey, at distance sqrt(3) from every palette colour.
 BACKGROUND = (0.0, 0.0, 0.0)
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "cyan", "magenta")
@@ -56,7 +57,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 3.0, "large": 5.0}
 #: direction word -> unit (dx, dy) in image coordinates (y down).
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-#: speed in pixels per frame at 32 x 32 (10 px over a 9-frame clip); scaled like SIZES.
+#: speed in pixels per frame at 32 x 32 (5 px over a 5-frame clip); scaled like SIZES.
 SPEED = 1.25
 MAX_OBJECTS = 2
 
