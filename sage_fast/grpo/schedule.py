@@ -28,6 +28,7 @@ __all__ = [
     "SDE_TYPES",
     "DETERMINISTIC_TYPES",
     "GAUSSIAN_TYPES",
+    "shift_sigma",
     "sigmas",
     "step_coefficients",
     "gradient_scale_proxy",
@@ -60,6 +61,11 @@ def _check_eta(eta: float) -> float:
     return eta
 
 
+def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The schedule's shift map `s * u / (1 + (s - 1) * u)` (SPEC section 1), elementwise, same dtype."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
 def sigmas(num_steps: int, shift: float) -> torch.Tensor:
     """The shifted flow-matching schedule, sigma_0 = 1 down to sigma_N = 0.
 
@@ -73,7 +79,7 @@ def sigmas(num_steps: int, shift: float) -> torch.Tensor:
     if not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a finite number > 0, got {shift}")
     u = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    out = shift * u / (1.0 + (shift - 1.0) * u)
+    out = shift_sigma(u, shift)
     out[0], out[-1] = 1.0, 0.0  # exact endpoints whatever the rounding of the formula
     return out
 

@@ -140,9 +140,7 @@ def save_grid(path: Path, prompts, renders, samples, rows: int = 8, frames=None,
     frames: indices to show (default: every frame up to 5, else every other one)."""
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
-    if frames is None:
-        n = renders.shape[2]
-        frames = tuple(range(n)) if n <= 5 else tuple(range(0, n, 2))
+    frames = _grid_frames(renders.shape[2]) if frames is None else frames
 
     H, W = renders.shape[-2] * zoom, renders.shape[-1] * zoom
     pad, text_h = 4, 14
@@ -293,7 +291,7 @@ CFG sweep (same prompts and seeds, same ODE):
 
 ## Samples
 
-Each row: frames {_frames_shown(world['frames'])} of the clean render of the prompt (left) and of the base
+Each row: frames {", ".join(map(str, _grid_frames(world['frames'])))} of the clean render of the prompt (left) and of the base
 model's sample (right). The GIF plays all {world['frames']} frames (top: renders, bottom: samples).
 
 ![grid](samples.png)
@@ -311,8 +309,9 @@ def _sigma_line(tr: dict) -> str:
             if shift != 1.0 else f"sigma ~ logit-normal(0, 1) ({1 - uniform:.0%}) / uniform ({uniform:.0%})")
 
 
-def _frames_shown(n: int) -> str:
-    return ", ".join(str(f) for f in (range(n) if n <= 5 else range(0, n, 2)))
+def _grid_frames(n: int) -> tuple[int, ...]:
+    """Frames the grid shows of an n-frame clip: all up to 5, else every other one."""
+    return tuple(range(n)) if n <= 5 else tuple(range(0, n, 2))
 
 
 def _latent_line(world: dict) -> str:

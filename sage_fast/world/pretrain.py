@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from sage_fast.grpo.schedule import shift_sigma
 from sage_fast.models import VelocityModelConfig, adaln_zero_init_, build_velocity_model
 
 from . import codec
@@ -172,7 +173,7 @@ def train(args) -> dict:
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g))
         uniform = torch.rand(args.batch, generator=g) < args.uniform_frac
         sigma = torch.where(uniform, torch.rand(args.batch, generator=g), sigma)
-        sigma = args.sigma_shift * sigma / (1 + (args.sigma_shift - 1) * sigma)
+        sigma = shift_sigma(sigma, args.sigma_shift)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * x1
         for group in opt.param_groups:
