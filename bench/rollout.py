@@ -37,7 +37,7 @@ def main(argv=None) -> int:
                                                      architecture_overrides={"in_channels": 97, "out_channels": 48}),
                                  device=device)
     cfg = model.transformer.config
-    shape = (args.batch, cfg.out_channels, 9, 8, 8)  # the world's 9 x 32 x 32 videos
+    shape = (args.batch, cfg.out_channels, 9, 8, 8)  # 9 latent frames of 8 x 8 tokens (per-frame codec, 9 x 32 x 32 videos)
     cond = random_conditioning(cfg, args.batch, generator=torch.Generator().manual_seed(0), device=device)
     sampler = SamplerConfig(num_steps=args.steps, sde_type="sage_grpo", cfg_scale=3.0)
     modes = {"eager": RolloutEngine(model.velocity, sampler, cuda_graph=False)}

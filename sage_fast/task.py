@@ -52,11 +52,28 @@ class WorldTask:
         if weights.strip().startswith("{"):
             weights = json.loads(weights)
         self.reward_fn = rewards.WorldReward(weights)
-        self.latent_shape = codec.latent_shape(world_cfg.frames, world_cfg.height, world_cfg.width)
+        # the codec layout: the checkpoint's (world.json), else the codec's defaults
+        self.patch, self.temporal = self._codec_layout(checkpoint, codec)
+        self.latent_shape = codec.latent_shape(world_cfg.frames, world_cfg.height, world_cfg.width,
+                                               self.patch, self.temporal)
         channels = transformer_config.out_channels
         if self.latent_shape[0] != channels:
-            raise ValueError(f"world latents have {self.latent_shape[0]} channels but the model has out_channels="
-                             f"{channels}: use the world's base model (or a codec patch that matches)")
+            raise ValueError(f"world latents (codec patch {self.patch}, temporal {self.temporal}) have "
+                             f"{self.latent_shape[0]} channels but the model has out_channels={channels}: use the "
+                             f"world's base model, or a model with out_channels={self.latent_shape[0]}")
+
+    @staticmethod
+    def _codec_layout(checkpoint: str | None, codec) -> tuple[int, int]:
+        from pathlib import Path  # noqa: PLC0415
+
+        from sage_fast.world.evaluate import codec_layout  # noqa: PLC0415
+
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            meta = (path if path.is_dir() else path.parent) / "world.json"
+            if meta.exists():
+                return codec_layout(json.loads(meta.read_text()))
+        return codec.PATCH, codec.TEMPORAL
 
     @staticmethod
     def _check_world_json(world_cfg, checkpoint: str) -> None:
@@ -78,7 +95,7 @@ class WorldTask:
         return self.encoder.conditioning(list(prompt_list), negative=True)
 
     def decode(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
-        return self._codec.decode(latents_bcthw.float())
+        return self._codec.decode(latents_bcthw.float(), self.patch, self.temporal)
 
     def reward(self, video_bcfhw: torch.Tensor, prompt_list: list[str]) -> RewardResult:
         """Never raises for a bad sample: a failure becomes NaN rows and is reported."""

@@ -315,3 +315,42 @@ def test_text_to_video_image_tokens_are_masked_out(tiny):
     live = vm.velocity(latents, t, Conditioning(cond.prompt, cond.negative,
                                                 image_embeds_bnd=torch.ones(2, 3, tiny.config.image_embed_dim)), 3.0)
     assert (live - one).abs().max() > 1e-3  # non-zero image embeds do condition (i2v)
+
+
+def test_sample_prediction_velocity_is_derived_from_x0_and_travels_with_the_checkpoint(tiny, tmp_path):
+    """x-prediction: v = (x - x0_hat) / max(sigma, SAMPLE_SIGMA_MIN), guided on the raw outputs;
+    the mode is saved in config.json and read back; bad or mismatched modes are ValueErrors."""
+    from sage_fast.models import SAMPLE_SIGMA_MIN
+
+    latents, cond = _inputs(tiny.config, 3, seed=5, latent=(3, 3, 5))
+    t = torch.tensor([900.0, 250.0, 10.0])  # the last below the sigma floor (0.01 < 0.05)
+    scale = 4.0
+    raw = _guided(copy.deepcopy(tiny), latents, t, cond, scale, torch.float64)  # the guided x0_hat
+    sigma = (t.double() / 1000).clamp(min=SAMPLE_SIGMA_MIN).view(-1, 1, 1, 1, 1)
+    want = (latents.double() - raw) / sigma
+    sample_model = copy.deepcopy(tiny)
+    sample_model.register_to_config(_sage_fast_prediction="sample")
+    vm = VelocityModel(sample_model, autocast_dtype=None)
+    assert vm.prediction == "sample"
+    got = vm.velocity(latents, t, cond, scale)
+    assert_within_baseline("x-prediction velocity", got, VelocityModel(copy.deepcopy(sample_model), None).velocity(
+        latents, t, cond, scale), want, torch.float32)
+    # the same weights read as a velocity model give the raw output: the mode changes the velocity
+    assert (VelocityModel(tiny, autocast_dtype=None).velocity(latents, t, cond, scale) - got).abs().max() > 1e-2
+
+    folder = tmp_path / "x0"
+    sample_model.save_pretrained(folder, safe_serialization=True)
+    assert json.loads((folder / "config.json").read_text())["_sage_fast_prediction"] == "sample"
+    loaded = build_velocity_model(VelocityModelConfig(checkpoint=str(folder), finetune="full", autocast_dtype="none"))
+    assert loaded.prediction == "sample"
+    torch.testing.assert_close(loaded.velocity(latents, t, cond, scale), got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"prediction='velocity' does not match the checkpoint's 'sample'"):
+        build_velocity_model(VelocityModelConfig(checkpoint=str(folder), prediction="velocity"))
+    with pytest.raises(ValueError, match=r"prediction must be one of \('velocity', 'sample'\) or None, got 'eps'"):
+        VelocityModelConfig(prediction="eps")
+    fresh = build_velocity_model(VelocityModelConfig(prediction="sample", finetune="full"))
+    assert fresh.prediction == "sample" and build_velocity_model(VelocityModelConfig()).prediction == "velocity"
+    bad = copy.deepcopy(tiny)
+    bad.register_to_config(_sage_fast_prediction="eps")
+    with pytest.raises(ValueError, match=r"_sage_fast_prediction must be one of \('velocity', 'sample'\), got 'eps'"):
+        VelocityModel(bad)

@@ -16,7 +16,7 @@ from sage_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.checkpoint=none", 'model.architecture_overrides={"in_channels": 97, "out_channels": 48}',
+    "model.checkpoint=none", 'model.architecture_overrides={"in_channels": 385, "out_channels": 192}',
     "model.lora_rank=4", "model.lora_alpha=4",
     "world.frames=5", "world.height=16", "world.width=16", "world.num_train_prompts=16", "world.num_eval_prompts=2",
     "sampler.num_steps=4", "sampler.cfg_scale=2.0", "grpo.samples_per_rank=4", "grpo.group_size=2",

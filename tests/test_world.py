@@ -51,14 +51,33 @@ def test_render_shape_range_and_objects_inside_and_apart():
 def test_codec_is_exact_both_ways():
     video = render(sample_scenes(4, seed=1))
     z = codec.encode(video)
-    assert z.shape == (4, codec.latent_channels(), FRAMES, 32 // codec.PATCH, 32 // codec.PATCH)
+    # 4x time compression with the first frame alone, like the HunyuanVideo-1.5 VAE: 5 -> 2
+    assert codec.TEMPORAL == 4 and z.shape == (4, codec.latent_channels(), 1 + (FRAMES - 1) // 4,
+                                               32 // codec.PATCH, 32 // codec.PATCH)
     assert torch.equal(codec.decode(z), video)
-    noise = torch.randn(2, codec.latent_channels(), 5, 3, 7, dtype=torch.float64)
-    assert torch.equal(codec.encode(codec.decode(noise)), noise)
-    # orthogonal up to LATENT_SCALE: norms scale exactly
+    c = 3 * codec.PATCH**2
+    assert (z[:, c:, 0] == 0).all()  # latent frame 0: frame 0, then zero padding
+    # latent frame 1 = frames 1..4 side by side in channels, each the per-frame codec's latent
+    per_frame = codec.encode(video, temporal=1)
+    assert per_frame.shape[1:3] == (c, FRAMES)
+    assert torch.equal(z[:, :c, 0], per_frame[:, :, 0])
+    for i in range(4):
+        assert torch.equal(z[:, i * c:(i + 1) * c, 1], per_frame[:, :, 1 + i])
+    noise = torch.randn(2, codec.latent_channels(), 3, 3, 7, dtype=torch.float64)  # 9 frames
+    back = codec.encode(codec.decode(noise))
+    noise[:, c:, 0] = 0  # decode ignores the padding; everything else round-trips exactly
+    assert torch.equal(back, noise)
+    assert codec.decode(noise).shape == (2, 3, 9, 12, 28)
+    # a permutation up to LATENT_SCALE: norms scale exactly
     assert torch.allclose(z.norm(), video.norm() * codec.LATENT_SCALE)
+    for temporal in (1, 2):
+        assert torch.equal(codec.decode(codec.encode(video, temporal=temporal), temporal=temporal), video)
     with pytest.raises(ValueError, match="multiples of patch"):
         codec.encode(torch.zeros(1, 3, 9, 30, 32))
+    with pytest.raises(ValueError, match=r"frames must be 1 \+ k \* temporal = 1 \+ k \* 4"):
+        codec.encode(torch.zeros(1, 3, 7, 32, 32))
+    with pytest.raises(ValueError, match="codec temporal must be an int >= 1"):
+        codec.latent_channels(temporal=0)
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -287,7 +306,11 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     assert video.shape == (1, 3, FRAMES, 32, 32) and torch.isfinite(video).all()
     with pytest.raises(ValueError, match="cond-dropout"):
         main(["--out", str(out), "--cond-dropout", "1.5"])
+    assert world["temporal"] == codec.TEMPORAL and world["train"]["prediction"] == "sample"
+    assert model.prediction == "sample"
     for bad, match in ((["--frames", "6"], "--frames must be 4k\\+1"), (["--sigma-shift", "0"], "--sigma-shift"),
+                       (["--temporal", "3"], "--temporal must be >= 1 and divide frames - 1 = 4"),
+                       (["--patch", "5"], "--patch must divide the 32x32 frame"),
                        (["--uniform-frac", "1.5"], "--uniform-frac")):
         with pytest.raises(ValueError, match=match):
             main(["--out", str(out), *bad])

@@ -3,12 +3,13 @@
 conditioning, cfg_scale)`; `configs`: its architectures by name (`hunyuanvideo15`, `tiny`)."""
 
 from .configs import ARCHITECTURES, architecture
-from .hunyuan_video15 import (AUTOCAST_DTYPES, DEFAULT_LORA_TARGETS, FINETUNE_MODES, Conditioning, TextEmbeddings,
+from .hunyuan_video15 import (AUTOCAST_DTYPES, DEFAULT_LORA_TARGETS, FINETUNE_MODES, PREDICTIONS, SAMPLE_SIGMA_MIN,
+                              Conditioning, TextEmbeddings,
                               VelocityModel, VelocityModelConfig, adaln_zero_init_, apply_lora, build_transformer,
                               build_velocity_model, load_transformer, random_conditioning)
 
 __all__ = [
     "ARCHITECTURES", "architecture", "AUTOCAST_DTYPES", "DEFAULT_LORA_TARGETS", "FINETUNE_MODES",
-    "Conditioning", "TextEmbeddings", "VelocityModel", "VelocityModelConfig", "adaln_zero_init_", "apply_lora",
+    "PREDICTIONS", "SAMPLE_SIGMA_MIN", "Conditioning", "TextEmbeddings", "VelocityModel", "VelocityModelConfig", "adaln_zero_init_", "apply_lora",
     "build_transformer", "build_velocity_model", "load_transformer", "random_conditioning",
 ]

@@ -23,6 +23,12 @@ attention backend, LoRA or full fine-tuning, activation checkpointing and autoca
   zero-padded with mask 0, which changes no output). Image embeds [B, N, 1152] (SigLIP) for
   image-to-video; None = text-to-video, for which the class zeroes and masks them, so one
   token is passed instead of the pipeline's 729 (same output, less padding).
+- Prediction: the transformer's raw output is the velocity (`prediction == "velocity"`, every
+  HunyuanVideo-1.5 checkpoint) or the clean latents x0 (`"sample"`, x-prediction; Li & He 2025,
+  "Back to Basics: Let Denoising Generative Models Denoise"), which the world's base model uses.
+  A "sample" model's velocity is `v = (x - x0_hat) / max(sigma, SAMPLE_SIGMA_MIN)` with
+  sigma = timestep / 1000, so everything downstream sees a velocity either way. The mode is read
+  from the checkpoint's config.json key `_sage_fast_prediction` (absent = "velocity").
 - Determinism: the same inputs give the same velocity bit for bit on CPU.
 
 Leaves to others: the text encoders and VAE (cached embeddings come in), the sampler and the
@@ -49,6 +55,8 @@ from .configs import architecture
 __all__ = [
     "AUTOCAST_DTYPES",
     "FINETUNE_MODES",
+    "PREDICTIONS",
+    "SAMPLE_SIGMA_MIN",
     "DEFAULT_LORA_TARGETS",
     "Conditioning",
     "TextEmbeddings",
@@ -67,6 +75,13 @@ log = logging.getLogger("sage_fast.models")
 CLASS_NAME = "HunyuanVideo15Transformer3DModel"
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 FINETUNE_MODES = ("lora", "full")
+#: what the transformer's raw output is: the velocity x1 - x0, or the clean sample x0
+PREDICTIONS = ("velocity", "sample")
+#: sigma floor of the sample -> velocity conversion (JiT's clip of the 1 / sigma weight): below
+#: it a "sample" model's velocity is (x - x0_hat) / SAMPLE_SIGMA_MIN
+SAMPLE_SIGMA_MIN = 0.05
+#: config.json key holding the prediction mode (leading "_": not a constructor argument)
+PREDICTION_KEY = "_sage_fast_prediction"
 #: module names inside each double-stream block that get LoRA: the joint attention's projections
 #: (video and text streams). The token refiner's attention is not targeted.
 DEFAULT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
@@ -109,6 +124,10 @@ class VelocityModelConfig:
     """'auto', 'fa3', 'fa2', 'xformers', 'sdpa' or 'sdpa_math' (see sage_fast.attention)."""
     architecture_overrides: dict = field(default_factory=dict)
     """Config fields overriding the named architecture (random init only)."""
+    prediction: str | None = None
+    """What the raw output is, 'velocity' or 'sample' (x0; see the module doc). None: 'velocity'
+    for a random init, the checkpoint's own for a loaded one (a value given with a checkpoint
+    must match the checkpoint's)."""
 
     def __post_init__(self):
         from sage_fast.attention.backends import CHOICES  # noqa: PLC0415
@@ -123,6 +142,8 @@ class VelocityModelConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.attention_backend not in CHOICES:
             raise ValueError(f"attention_backend must be one of {CHOICES}, got {self.attention_backend!r}")
+        if self.prediction is not None and self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS} or None, got {self.prediction!r}")
         if self.checkpoint is None:
             architecture(self.architecture, **self.architecture_overrides)  # validates both
         elif self.architecture_overrides:
@@ -228,6 +249,10 @@ class VelocityModel(nn.Module):
         self.autocast_dtype = autocast_dtype
         cfg = transformer.config
         self.latent_channels = cfg.out_channels
+        self.prediction = cfg.get(PREDICTION_KEY, "velocity")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"transformer config {PREDICTION_KEY} must be one of {PREDICTIONS}, "
+                             f"got {self.prediction!r}")
         if cfg.in_channels != 2 * cfg.out_channels + 1:
             raise ValueError(f"in_channels={cfg.in_channels} must be 2 * out_channels + 1 = "
                              f"{2 * cfg.out_channels + 1} (latent | condition | mask)")
@@ -293,15 +318,20 @@ class VelocityModel(nn.Module):
                 encoder_attention_mask_2=mask_2, image_embeds=image, return_dict=False,
             )[0]
         out = out.to(out_dtype)
-        if not guided:
-            return out
-        v_uncond, v_cond = out[:B], out[B:]
-        scale = torch.as_tensor(cfg_scale, dtype=out_dtype, device=device)
-        if scale.dim() == 1:
-            if scale.shape != (B,):
-                raise ValueError(f"cfg_scale must be a float or of shape [{B}], got {tuple(scale.shape)}")
-            scale = scale.view(B, 1, 1, 1, 1)
-        return v_uncond + scale * (v_cond - v_uncond)
+        if guided:
+            # guidance is linear and the sample -> velocity map affine in the raw output with the
+            # same x and sigma for both halves: guiding the raw outputs guides the velocities
+            v_uncond, v_cond = out[:B], out[B:]
+            scale = torch.as_tensor(cfg_scale, dtype=out_dtype, device=device)
+            if scale.dim() == 1:
+                if scale.shape != (B,):
+                    raise ValueError(f"cfg_scale must be a float or of shape [{B}], got {tuple(scale.shape)}")
+                scale = scale.view(B, 1, 1, 1, 1)
+            out = v_uncond + scale * (v_cond - v_uncond)
+        if self.prediction == "sample":
+            sigma = (timestep_b / 1000.0).clamp(min=SAMPLE_SIGMA_MIN).view(B, 1, 1, 1, 1)
+            out = (latents_bcthw.to(out_dtype) - out) / sigma
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +456,8 @@ def load_transformer(path: str | Path, config: dict | str | Path | None = None, 
         raise ValueError(f"checkpoint {path} does not match its config: missing {head(missing)}; "
                          f"unexpected {head(unexpected)}; shape mismatches {head(mismatched)}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
+    if PREDICTION_KEY in config:
+        model.register_to_config(**{PREDICTION_KEY: config[PREDICTION_KEY]})  # VelocityModel validates it
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"tensors not loaded: {leftover}"
     log.info("loaded %s from %s (%d tensors)", CLASS_NAME, path, len(state))
@@ -458,6 +490,11 @@ def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu"
     else:
         transformer = build_transformer(config.architecture, seed=seed, device=device,
                                         **config.architecture_overrides)
+        transformer.register_to_config(**{PREDICTION_KEY: config.prediction or "velocity"})
+    stored = transformer.config.get(PREDICTION_KEY, "velocity")
+    if config.prediction is not None and config.prediction != stored:
+        raise ValueError(f"prediction={config.prediction!r} does not match the checkpoint's {stored!r} "
+                         f"({PREDICTION_KEY} in its config.json)")
     install_attention(transformer, config.attention_backend)
     if config.finetune == "lora":
         apply_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)

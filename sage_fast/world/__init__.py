@@ -11,7 +11,7 @@ What the GRPO trainer calls:
     prompts, scene = sample_prompts(n, seed)                    # or read_prompts(path)
     model, encoder, world = load_base_model()                   # or VelocityModelConfig(checkpoint=str(DEFAULT_CHECKPOINT))
     cond = encoder.conditioning(prompts)                        # Conditioning (prompt + empty negative)
-    latents_bcthw: [B, 48, 5, 8, 8]; video_bcfhw = codec.decode(latents_bcthw)   # exact, [B, 3, 5, 32, 32]
+    latents_bcthw: [B, 192, 2, 8, 8]; video_bcfhw = codec.decode(latents_bcthw)  # exact, [B, 3, 5, 32, 32]
     out = WorldReward("alignment")(video_bcfhw, prompts)        # out.scores[vq|mq|ta], out.total [B], NaN = failed
     d_b = manifold_distance(video_bcfhw)                        # [B] RMS distance to the best re-rendering
 """

@@ -40,6 +40,12 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "base_model"
 EVAL_SEED = 1234
 
 
+def codec_layout(world: dict) -> tuple[int, int]:
+    """(patch, temporal) of a checkpoint's codec from its world.json (checkpoints written before
+    the temporal codec have no "temporal": theirs is 1)."""
+    return int(world.get("patch", codec.PATCH)), int(world.get("temporal", 1))
+
+
 def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
     """(VelocityModel in float32 without autocast, WorldTextEncoder, world dict) of a checkpoint
     folder written by `pretrain.py` (config.json, safetensors, world.json)."""
@@ -57,14 +63,18 @@ def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
 @torch.no_grad()
 def sample_videos(model: VelocityModel, encoder: WorldTextEncoder, prompts: list[str], seed: int = 0,
                   steps: int = 20, shift: float = 3.0, cfg_scale: float = 5.0,
-                  frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH, batch: int = 16) -> torch.Tensor:
+                  frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH, batch: int = 16,
+                  patch: int = codec.PATCH, temporal: int = codec.TEMPORAL) -> torch.Tensor:
     """Deterministic Euler ODE samples, [B, 3, F, H, W] float32 (decoded, unclipped).
 
     Row i starts from noise drawn by `torch.Generator().manual_seed(seed + i)`, so a row's sample
     does not depend on the batch it is computed in."""
     for p in prompts:
         parse_prompt(p)
-    C, T, Hp, Wp = codec.latent_shape(frames, height, width)
+    C, T, Hp, Wp = codec.latent_shape(frames, height, width, patch, temporal)
+    if C != model.latent_channels:
+        raise ValueError(f"the codec (patch {patch}, temporal {temporal}) gives {C} latent channels, the model "
+                         f"has {model.latent_channels}: pass the checkpoint's world.json patch and temporal")
     sig = make_sigmas(steps, shift)
     outs = []
     for start in range(0, len(prompts), batch):
@@ -76,7 +86,7 @@ def sample_videos(model: VelocityModel, encoder: WorldTextEncoder, prompts: list
             a, b, _ = step_coefficients(sig, torch.full((len(chunk),), i), "ode")
             v = model.velocity(x, 1000.0 * float(sig[i]), cond, cfg_scale=cfg_scale)
             x = a.float().view(-1, 1, 1, 1, 1) * x + b.float().view(-1, 1, 1, 1, 1) * v
-        outs.append(codec.decode(x))
+        outs.append(codec.decode(x, patch, temporal))
     return torch.cat(outs)
 
 
@@ -100,10 +110,11 @@ def evaluate_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int 
     reward = WorldReward("averaged")
     renders = render(scene, **size)
     t0 = time.time()
+    lay = codec_layout(world)
     samples = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"],
-                            cfg_scale=smp["cfg_scale"], **size)
+                            cfg_scale=smp["cfg_scale"], patch=lay[0], temporal=lay[1], **size)
     sample_s = time.time() - t0
-    noise = codec.decode(torch.randn(codec.encode(renders).shape, generator=torch.Generator().manual_seed(7)))
+    noise = codec.decode(torch.randn(codec.encode(renders, *lay).shape, generator=torch.Generator().manual_seed(7)), *lay)
     result = {"prompts": prompts, "sampling": smp, "sample_seconds": round(sample_s, 1)}
     two = torch.tensor([len(parse_prompt(p)) == 2 for p in prompts])
     for name, video in (("render", renders), ("sample", samples), ("noise", noise)):
@@ -116,7 +127,7 @@ def evaluate_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int 
     result["cfg_sweep"] = {}
     for cfg in cfg_scales:
         video = sample_videos(model, encoder, prompts, seed=0, steps=smp["steps"], shift=smp["shift"], cfg_scale=cfg,
-                              **size)
+                              patch=lay[0], temporal=lay[1], **size)
         stats, _, _ = _stats(video, prompts, reward)
         result["cfg_sweep"][str(cfg)] = {k: stats[k] for k in (*DIMENSIONS, "manifold")}
     result["_videos"] = {"render": renders, "sample": samples}
@@ -202,6 +213,13 @@ def _row(name, s):
     return f"| {name} | {s['vq']:.3f} | {s['mq']:.3f} | {s['ta']:.3f} | {s['manifold']:.3f} |"
 
 
+def _prediction_line(config: dict) -> str:
+    if config.get("_sage_fast_prediction", "velocity") == "sample":
+        return ("x0 (`_sage_fast_prediction: sample` in config.json: the transformer outputs the clean latents, "
+                "the adapter returns (x - x0_hat) / max(sigma, 0.05); loss = velocity MSE)")
+    return "velocity (the transformer outputs x1 - x0)"
+
+
 def write_model_card(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 64,
                      cfg_scales: tuple[float, ...] = (1.0, 3.0, 8.0)) -> dict:
     """Evaluate the checkpoint at `path` and write MODEL_CARD.md, eval.json, samples.png,
@@ -241,6 +259,7 @@ base policy of the tiny-world recipe: GRPO starts from here.
 - Training: {tr['steps_done']} steps (planned {tr['steps_planned']}{', stopped by the time budget' if tr['stopped_early'] else ''}) x batch {tr['batch']},
   AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%), grad clip 1, EMA {tr['ema']} (the EMA weights are shipped),
   condition dropout {tr['cond_dropout']} (empty prompt = CFG negative), {_sigma_line(tr)}, init {tr.get('init', 'default')},
+  prediction {_prediction_line(config)},
   data: fresh renders every step (`sample_scenes(batch, seed * 1000003 + step)`), two-object probability {tr['two_object_prob']}.
   Wall time {tr['train_seconds'] / 60:.1f} min on {tr['threads']} CPU threads; final logged loss {log_rows[-1]['loss']:.4f}.
 - Model: {tr['parameters'] / 1e6:.2f}M parameters (4.2M of them are the class's fixed-width 2048 ByT5 projection),
@@ -315,8 +334,10 @@ def _grid_frames(n: int) -> tuple[int, ...]:
 
 
 def _latent_line(world: dict) -> str:
-    C, T, Hp, Wp = codec.latent_shape(world["frames"], world["height"], world["width"], world["patch"])
-    return f"{C} channels x {T} x {Hp} x {Wp} = {T * Hp * Wp} tokens"
+    patch, temporal = codec_layout(world)
+    C, T, Hp, Wp = codec.latent_shape(world["frames"], world["height"], world["width"], patch, temporal)
+    return (f"time compressed {temporal}x (frame 0 alone, then groups of {temporal}), " if temporal > 1 else "") + \
+        f"{C} channels x {T} x {Hp} x {Wp} = {T * Hp * Wp} tokens"
 
 
 def _notes(path: Path) -> str:
