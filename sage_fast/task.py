@@ -33,10 +33,11 @@ class WorldTask:
 
     def __init__(self, world_cfg, transformer_config, device="cpu", checkpoint: str | None = None) -> None:
         from sage_fast.world import codec, prompts, rewards  # noqa: PLC0415
+        from sage_fast.world.evaluate import codec_layout  # noqa: PLC0415
 
         self.cfg, self.device = world_cfg, device
-        if checkpoint is not None:
-            self._check_world_json(world_cfg, checkpoint)
+        trained = self._world_json(checkpoint)  # {} without a checkpoint or its world.json
+        self._check_world_json(world_cfg, trained, checkpoint)
         self._codec = codec
         if world_cfg.prompt_file is not None:
             self.train_prompts = [row["prompt"] for row in prompts.read_prompts(world_cfg.prompt_file)]
@@ -53,7 +54,7 @@ class WorldTask:
             weights = json.loads(weights)
         self.reward_fn = rewards.WorldReward(weights)
         # the codec layout: the checkpoint's (world.json), else the codec's defaults
-        self.patch, self.temporal = self._codec_layout(checkpoint, codec)
+        self.patch, self.temporal = codec_layout(trained) if trained else (codec.PATCH, codec.TEMPORAL)
         self.latent_shape = codec.latent_shape(world_cfg.frames, world_cfg.height, world_cfg.width,
                                                self.patch, self.temporal)
         channels = transformer_config.out_channels
@@ -63,33 +64,24 @@ class WorldTask:
                              f"world's base model, or a model with out_channels={self.latent_shape[0]}")
 
     @staticmethod
-    def _codec_layout(checkpoint: str | None, codec) -> tuple[int, int]:
+    def _world_json(checkpoint: str | None) -> dict:
+        """The world.json beside a world base model checkpoint, or {} (no checkpoint, or none there)."""
         from pathlib import Path  # noqa: PLC0415
 
-        from sage_fast.world.evaluate import codec_layout  # noqa: PLC0415
-
-        if checkpoint is not None:
-            path = Path(checkpoint)
-            meta = (path if path.is_dir() else path.parent) / "world.json"
-            if meta.exists():
-                return codec_layout(json.loads(meta.read_text()))
-        return codec.PATCH, codec.TEMPORAL
-
-    @staticmethod
-    def _check_world_json(world_cfg, checkpoint: str) -> None:
-        """A world base model was trained for one video size and text encoder: insist on them."""
-        from pathlib import Path  # noqa: PLC0415
-
+        if checkpoint is None:
+            return {}
         path = Path(checkpoint)
         meta = (path if path.is_dir() else path.parent) / "world.json"
-        if not meta.exists():
-            return
-        trained = json.loads(meta.read_text())
+        return json.loads(meta.read_text()) if meta.exists() else {}
+
+    @staticmethod
+    def _check_world_json(world_cfg, trained: dict, checkpoint: str | None) -> None:
+        """A world base model was trained for one video size and text encoder: insist on them."""
         for field, key in (("frames", "frames"), ("height", "height"), ("width", "width"),
                            ("text_seed", "text_encoder_seed")):
             if key in trained and getattr(world_cfg, field) != trained[key]:
-                raise ValueError(f"world.{field}={getattr(world_cfg, field)} but the base model {path} was trained "
-                                 f"with {trained[key]} (world.json): use {trained[key]}")
+                raise ValueError(f"world.{field}={getattr(world_cfg, field)} but the base model {checkpoint} was "
+                                 f"trained with {trained[key]} (world.json): use {trained[key]}")
 
     def conditioning(self, prompt_list: list[str]):
         return self.encoder.conditioning(list(prompt_list), negative=True)

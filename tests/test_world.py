@@ -324,3 +324,24 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
 
 def test_shapes_and_palette_sizes():
     assert COLOURS.shape == (6, 3) and len(SHAPES) == 3
+
+
+def test_world_task_follows_the_checkpoints_world_json(tmp_path):
+    """The task takes the codec layout from the checkpoint's world.json and refuses a video size
+    the base model was not trained for (error names the field and the value to use)."""
+    import json
+
+    from sage_fast.models import build_transformer
+    from sage_fast.task import WorldTask
+    from sage_fast.train_config import WorldConfig
+
+    cfg = build_transformer("tiny", in_channels=97, out_channels=48).config  # per-frame codec, patch 4
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "world.json").write_text(json.dumps({"frames": 5, "height": 32, "width": 32, "patch": 4}))
+    task = WorldTask(WorldConfig(), cfg, checkpoint=str(ckpt))  # no "temporal": an old checkpoint's 1
+    assert (task.patch, task.temporal, task.latent_shape) == (4, 1, (48, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"world.frames=9 but the base model .* was trained with 5 \(world.json\): use 5"):
+        WorldTask(WorldConfig(frames=9), cfg, checkpoint=str(ckpt))
+    with pytest.raises(ValueError, match=r"codec patch 4, temporal 4\) have 192 channels but the model has out_channels=48"):
+        WorldTask(WorldConfig(), cfg)  # no checkpoint: the codec's defaults
