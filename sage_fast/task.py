@@ -5,7 +5,12 @@ policy (with the negative prompt for CFG), the latent shape of one sample, the d
 latents to videos, the reward (named dimensions and a weighted total; NaN marks a failed
 sample, never 0), and optionally a manifold distance (how far a video is from the data).
 
-Leaves to others: the world itself (sage_fast.world), the policy (sage_fast.models).
+Two tasks: `WorldTask` (the synthetic world, the embedded default) and `HunyuanVideo15Task`
+(a local HunyuanVideo-1.5 pipeline's text encoders and VAE, prompts from files, a reward from
+sage_fast.rewards). `build_task` picks one by `task.kind`.
+
+Leaves to others: the world itself (sage_fast.world), the policy (sage_fast.models), the pipeline
+parts (sage_fast.models.hunyuan_pipeline), real reward models (sage_fast.rewards).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RewardResult", "WorldTask"]
+__all__ = ["RewardResult", "WorldTask", "HunyuanVideo15Task", "build_task"]
 
 log = logging.getLogger("sage_fast.task")
 
@@ -104,3 +109,75 @@ class WorldTask:
 
         fn = getattr(world, "manifold_distance", None)
         return None if fn is None else fn(video_bcfhw)
+
+
+class HunyuanVideo15Task:
+    """A real text-to-video task: a local diffusers HunyuanVideo-1.5 pipeline's two text encoders
+    (every prompt encoded once at start, then the encoders are freed) and VAE, prompt files, and
+    a reward built from `video.reward` (sage_fast.rewards). No manifold distance: the data
+    manifold of real video is not known."""
+
+    def __init__(self, video_cfg, transformer_config, device="cpu") -> None:
+        from sage_fast.models.hunyuan_pipeline import PromptEncoder, VideoDecoder  # noqa: PLC0415
+        from sage_fast.rewards import build_reward  # noqa: PLC0415
+        from sage_fast.world.prompts import read_prompts  # noqa: PLC0415
+
+        self.cfg, self.device = video_cfg, torch.device(device)
+        if video_cfg.pipeline is None or video_cfg.prompt_file is None:
+            raise ValueError("video.pipeline and video.prompt_file are required for task.kind='hunyuanvideo15'")
+        self.train_prompts = [r["prompt"] for r in read_prompts(video_cfg.prompt_file, grammar=False)]
+        if not self.train_prompts:
+            raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds no prompts")
+        if video_cfg.eval_prompt_file is not None:
+            self.eval_prompts = [r["prompt"] for r in read_prompts(video_cfg.eval_prompt_file, grammar=False)]
+        else:
+            self.eval_prompts = self.train_prompts[:video_cfg.num_eval_prompts]
+        dtype = getattr(torch, video_cfg.dtype)
+        self.decoder = VideoDecoder(video_cfg.pipeline, device=self.device, dtype=dtype, tiling=video_cfg.vae_tiling)
+        self.latent_shape = self.decoder.latent_shape(video_cfg.frames, video_cfg.height, video_cfg.width)
+        if self.latent_shape[0] != transformer_config.out_channels:
+            raise ValueError(f"the VAE of video.pipeline has {self.latent_shape[0]} latent channels but the model has "
+                             f"out_channels={transformer_config.out_channels}")
+        self.encoder = PromptEncoder(video_cfg.pipeline, device=self.device, dtype=dtype)
+        for name, dim in (("text_embed_dim", self.encoder.text_encoder.config.hidden_size),
+                          ("text_embed_2_dim", self.encoder.text_encoder_2.config.d_model)):
+            if transformer_config[name] != dim:
+                raise ValueError(f"the text encoders of video.pipeline give width {dim} but the model has "
+                                 f"{name}={transformer_config[name]}")
+        self.negative_prompt = video_cfg.negative_prompt
+        self.encoder.encode_all(self.train_prompts + self.eval_prompts + [self.negative_prompt],
+                                batch_size=video_cfg.text_batch)
+        self.encoder.release()
+        self.reward_fn = build_reward(video_cfg.reward, video_cfg.reward_weights, device=self.device)
+
+    def conditioning(self, prompt_list: list[str]):
+        from sage_fast.models import Conditioning  # noqa: PLC0415
+
+        prompts = list(prompt_list)
+        return Conditioning(prompt=self.encoder.encode(prompts).to(device=self.device),
+                            negative=self.encoder.encode([self.negative_prompt] * len(prompts)).to(device=self.device))
+
+    def decode(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(latents_bcthw)
+
+    def reward(self, video_bcfhw: torch.Tensor, prompt_list: list[str]) -> RewardResult:
+        """Never raises for a bad sample: a failure becomes NaN rows and is reported."""
+        try:
+            total, scores = self.reward_fn(video_bcfhw, list(prompt_list))
+            return RewardResult(total_b=total, scores=scores)
+        except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
+            log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
+            nan = torch.full((video_bcfhw.shape[0],), float("nan"))
+            return RewardResult(total_b=nan, scores={}, error=f"{type(err).__name__}: {err}")
+
+    def manifold_distance(self, video_bcfhw: torch.Tensor) -> None:
+        return None
+
+
+def build_task(cfg, transformer_config, device="cpu"):
+    """The task of `cfg.task.kind` (a TrainConfig)."""
+    if cfg.task.kind == "world":
+        return WorldTask(cfg.world, transformer_config, device=device, checkpoint=cfg.model.checkpoint)
+    if cfg.task.kind == "hunyuanvideo15":
+        return HunyuanVideo15Task(cfg.video, transformer_config, device=device)
+    raise ValueError(f"task.kind must be 'world' or 'hunyuanvideo15', got {cfg.task.kind!r}")

@@ -54,6 +54,7 @@ def build_config(argv: list[str]):
     cfg = C.apply_overrides(cfg, flags)
     if cfg.run.resume and cfg.run.overwrite:
         raise ValueError("run.resume and run.overwrite exclude each other")
+    train_config.check_paths(cfg)
     return cfg, args.recipe
 
 

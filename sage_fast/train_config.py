@@ -4,14 +4,17 @@
       run      output folder, steps, seeds, evaluation / checkpoint / log cadence, fault limits
       model    sage_fast.models.VelocityModelConfig: checkpoint or architecture, LoRA/full, autocast
       sampler  sage_fast.grpo.rollout.SamplerConfig: steps, shift, SDE type, eta, window, CFG
+      task     which task: 'world' (the synthetic world) or 'hunyuanvideo15' (a real pipeline)
       world    the synthetic world (prompts, video size, reward weights)
+      video    a local HunyuanVideo-1.5 pipeline's text encoders and VAE, prompt files, reward
       grpo     batch and group sizes, trained steps, clip range, equalizer, KL (dual trust region)
       optim    AdamW and gradient clipping
       dist     data parallel strategy and sequence parallel degree
 
 Recipes (`--recipe NAME`): `tiny_world` (the default: the shipped tiny model on the synthetic
-world, CPU-sized). Any field can be overridden as `section.field=value`. (A HunyuanVideo-1.5
-recipe needs a task with its text encoders, VAE and a reward model: not written yet.)
+world, CPU-sized) and `hunyuanvideo15_480p` (a local diffusers HunyuanVideo-1.5 480p t2v
+pipeline, the paper's settings, for GPU clusters). Any field can be overridden as
+`section.field=value`.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from sage_fast.grpo.loss import KL_MODES
 from sage_fast.grpo.rollout import SamplerConfig
 from sage_fast.models import VelocityModelConfig
 
-__all__ = ["RunConfig", "WorldConfig", "GRPOConfig", "OptimConfig", "DistConfig", "TrainConfig",
-           "REF_SOURCES", "DP_STRATEGIES", "tiny_world_checkpoint"]
+__all__ = ["RunConfig", "TaskConfig", "WorldConfig", "VideoConfig", "GRPOConfig", "OptimConfig", "DistConfig",
+           "TrainConfig", "REF_SOURCES", "DP_STRATEGIES", "TASK_KINDS", "PIPELINE_DTYPES", "tiny_world_checkpoint",
+           "check_paths"]
 
 REF_SOURCES = ("training_phase", "rollout_phase")
 DP_STRATEGIES = ("ddp", "fsdp2")
+TASK_KINDS = ("world", "hunyuanvideo15")
+PIPELINE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -109,6 +115,64 @@ class WorldConfig:
             _positive_int(f"world.{name}", getattr(self, name))
         if not 0.0 <= self.two_object_prob <= 1.0:
             raise ValueError(f"world.two_object_prob must be in [0, 1], got {self.two_object_prob}")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "world"
+    """'world' (the synthetic world, section `world`) or 'hunyuanvideo15' (section `video`)."""
+
+    def __post_init__(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class VideoConfig:
+    pipeline: str | None = None
+    """Local diffusers HunyuanVideo-1.5 pipeline folder (text_encoder, tokenizer, text_encoder_2, tokenizer_2, vae)."""
+    prompt_file: str | None = None
+    """Training prompts, .txt (one per line) or .jsonl (objects with 'prompt')."""
+    eval_prompt_file: str | None = None
+    """Evaluation prompts; None = the first `num_eval_prompts` training prompts."""
+    num_eval_prompts: int = 8
+    """Evaluation prompts taken from the training prompts when no eval file is given."""
+    negative_prompt: str = ""
+    """The CFG negative prompt (diffusers' pipeline default: empty)."""
+    frames: int = 81
+    """Video frames (4k+1; 81 -> 21 latent frames)."""
+    height: int = 480
+    """Video height in pixels (a multiple of 16)."""
+    width: int = 848
+    """Video width in pixels (a multiple of 16)."""
+    reward: str = "clip_score=checkpoints/clip-vit-large-patch14"
+    """Reward parts, comma-separated kind=argument: clip_score=<CLIP folder>, python=<module>:<function> (sage_fast.rewards)."""
+    reward_weights: str = ""
+    """JSON {dimension: weight}; empty = weight 1 for every returned dimension."""
+    dtype: str = "bfloat16"
+    """Text encoders' and VAE's dtype: bfloat16, float16 or float32."""
+    vae_tiling: bool = True
+    """Decode in spatial tiles (diffusers' VAE tiling) to bound decode memory."""
+    text_batch: int = 8
+    """Prompts per text-encoder forward (encoded once at start, then the encoders are freed)."""
+
+    def __post_init__(self):
+        if self.dtype not in PIPELINE_DTYPES:
+            raise ValueError(f"video.dtype must be one of {PIPELINE_DTYPES}, got {self.dtype!r}")
+        _positive_int("video.frames", self.frames)
+        if (self.frames - 1) % 4:
+            raise ValueError(f"video.frames must be 4k+1 (e.g. 33, 61, 81), got {self.frames}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _positive_int(f"video.{name}", value)
+            if value % 16:
+                raise ValueError(f"video.{name} must be a multiple of 16 (the VAE's spatial compression), got {value}")
+        _positive_int("video.num_eval_prompts", self.num_eval_prompts)
+        _positive_int("video.text_batch", self.text_batch)
+        from sage_fast.rewards import parse_reward_spec, parse_weights  # noqa: PLC0415
+
+        parse_reward_spec(self.reward)
+        parse_weights(self.reward_weights)
 
 
 @dataclass
@@ -217,7 +281,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: VelocityModelConfig = field(default_factory=VelocityModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -247,3 +313,70 @@ def tiny_world() -> TrainConfig:
                         kl_mode="dual_moving", beta=0.01, update_ref_every=10),
         optim=OptimConfig(lr=3e-4),
     )
+
+
+def hunyuanvideo15_root() -> str:
+    """Where the 480p recipe looks for the pipeline: $SAGE_FAST_HUNYUANVIDEO15, else a local folder
+    named like the diffusers conversion (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v)."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("SAGE_FAST_HUNYUANVIDEO15", "checkpoints/HunyuanVideo-1.5-Diffusers-480p_t2v")
+
+
+@recipe("hunyuanvideo15_480p")
+def hunyuanvideo15_480p() -> TrainConfig:
+    """HunyuanVideo-1.5 480p text-to-video at the paper's scale (SPEC section 7): 81 x 480 x 848
+    (32 x 21 x 30 x 53 latents), 20 steps at shift 5, CFG 6 in rollout and training, G = 4,
+    2 samples per rank, full fine-tuning with bf16 autocast and per-block activation
+    checkpointing, FSDP2 and Ulysses sp = 2. Point `video.pipeline` (or $SAGE_FAST_HUNYUANVIDEO15)
+    at a local diffusers pipeline, `video.prompt_file` at the prompts and `video.reward` at the
+    reward (the paper: VideoAlign through python=module:function)."""
+    root = hunyuanvideo15_root()
+    return TrainConfig(
+        run=RunConfig(output_dir="runs/hunyuanvideo15_480p", steps=200, eval_every=20, save_every=10,
+                      save_videos=True),
+        model=VelocityModelConfig(checkpoint=root, finetune="full", autocast_dtype="bfloat16",
+                                  gradient_checkpointing=True, attention_backend="auto"),
+        sampler=SamplerConfig(num_steps=20, shift=5.0, sde_type="sage_grpo", eta=0.5, cfg_scale=6.0),
+        task=TaskConfig(kind="hunyuanvideo15"),
+        video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480, width=848),
+        grpo=GRPOConfig(samples_per_rank=2, group_size=4, micro_batch=1, clip_range=1e-4,
+                        kl_mode="dual_moving", beta=0.01, update_ref_every=10),
+        optim=OptimConfig(lr=1e-5),
+        dist=DistConfig(strategy="fsdp2", sp=2),
+    )
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Before any work: every file the run will read exists (ValueErrors name the field)."""
+    from sage_fast.rewards import parse_reward_spec  # noqa: PLC0415
+
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
+        raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist (a local diffusers model or "
+                         "pipeline folder, or a .safetensors file)")
+    if cfg.task.kind == "world":
+        if cfg.world.prompt_file is not None and not Path(cfg.world.prompt_file).is_file():
+            raise ValueError(f"world.prompt_file={cfg.world.prompt_file!r} is not a file")
+        return
+    v = cfg.video
+    if v.pipeline is None:
+        raise ValueError("video.pipeline must name a local diffusers HunyuanVideo-1.5 pipeline folder when "
+                         "task.kind='hunyuanvideo15'")
+    from sage_fast.models.hunyuan_pipeline import check_pipeline_folder  # noqa: PLC0415
+
+    try:
+        check_pipeline_folder(v.pipeline)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    if cfg.model.checkpoint is None:
+        raise ValueError("model.checkpoint must name the transformer (or the pipeline folder) when "
+                         "task.kind='hunyuanvideo15'")
+    for name in ("prompt_file", "eval_prompt_file"):
+        value = getattr(v, name)
+        if name == "prompt_file" and value is None:
+            raise ValueError("video.prompt_file must name a .txt or .jsonl prompt file")
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"video.{name}={value!r} is not a file")
+    for kind, arg in parse_reward_spec(v.reward):
+        if kind == "clip_score" and not Path(arg).is_dir():
+            raise ValueError(f"video.reward: clip_score={arg!r} is not a folder (a local CLIP model)")

@@ -39,7 +39,7 @@ from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig, epoch_seed
 from sage_fast.kernels import sde_logprob
 from sage_fast.metrics import MetricsWriter, PhaseTimer, PerStepStats
 from sage_fast.models import Conditioning, TextEmbeddings, build_velocity_model
-from sage_fast.task import WorldTask
+from sage_fast.task import build_task
 
 __all__ = ["Trainer", "select_conditioning", "derive_seed"]
 
@@ -113,8 +113,7 @@ class Trainer:
             grad_mesh = flat_mesh(mesh)
             # after LoRA (built above): a LoRA delta on proj_out must come before the gather
             apply_sequence_parallel(self.model.transformer, mesh["sp"].get_group())
-        self.task = WorldTask(cfg.world, self.model.transformer.config, device=self.device,
-                              checkpoint=cfg.model.checkpoint)
+        self.task = build_task(cfg, self.model.transformer.config, device=self.device)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")

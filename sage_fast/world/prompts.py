@@ -129,9 +129,10 @@ def sample_prompts(n: int, seed: int, two_object_prob: float = 0.5, **size) -> t
     return describe_scenes(scene), scene
 
 
-def read_prompts(path: str | Path) -> list[dict]:
+def read_prompts(path: str | Path, grammar: bool = True) -> list[dict]:
     """Read a prompt file (.txt or .jsonl, see module doc): a list of dicts with key 'prompt'
-    (plus any other keys of a .jsonl line). Every prompt is checked against the grammar."""
+    (plus any other keys of a .jsonl line). With `grammar` (the world's prompts) every prompt is
+    checked against the grammar; without it (free text for a real model) only non-empty."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"prompt file must end in .txt or .jsonl, got {path.name!r}")
@@ -149,10 +150,13 @@ def read_prompts(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: a .jsonl line must be an object with a string 'prompt'")
         else:
             row = {"prompt": line}
-        try:
-            parse_prompt(row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from e
+        if grammar:
+            try:
+                parse_prompt(row["prompt"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from e
+        elif not row["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: empty prompt")
         rows.append(row)
     return rows
 

@@ -1,0 +1,120 @@
+"""Reward models for real videos: a protocol, a registry and a weighted sum.
+
+A reward part is called as `part(video_bcfhw, prompts) -> {dimension: [B] float tensor}` with
+the decoded video in [-1, 1]; NaN marks a sample the model could not score (the trainer drops
+it from its group's advantages, never treats it as 0). Parts are named in one string,
+`video.reward` of the trainer's config, as comma-separated `kind=argument` items:
+
+    clip_score=/models/clip-vit-large-patch14   CLIPScore: cosine of frame and prompt embeddings
+                                                (transformers CLIPModel from a local folder)
+    python=my_pkg.videoalign:score              any importable function with the same call;
+                                                how VideoAlign (VQ/MQ/TA, the paper's reward)
+                                                plugs in, since its model code ships with it
+
+The total is the weighted sum of the dimensions (`video.reward_weights`, JSON; default 1 for
+each): for VideoAlign the paper's averaged setting is {"vq": 1, "mq": 1, "ta": 1}.
+
+The synthetic world has its own rewards (sage_fast.world.rewards) with the same shape of call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Callable
+
+import torch
+
+__all__ = ["REWARD_KINDS", "RewardParts", "parse_reward_spec", "build_reward", "parse_weights"]
+
+REWARD_KINDS = ("clip_score", "python")
+
+RewardPart = Callable[[torch.Tensor, list], "dict[str, torch.Tensor] | torch.Tensor"]
+
+
+def parse_reward_spec(spec: str, field: str = "video.reward") -> list[tuple[str, str]]:
+    """'kind=arg,kind=arg' -> [(kind, arg)]; errors name the field and the allowed kinds."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"{field} must name at least one reward as kind=argument with kind in {REWARD_KINDS}, "
+                         f"got {spec!r}")
+    out = []
+    for item in items:
+        kind, sep, arg = item.partition("=")
+        kind, arg = kind.strip(), arg.strip()
+        if not sep or kind not in REWARD_KINDS or not arg:
+            raise ValueError(f"{field}: each item must be kind=argument with kind in {REWARD_KINDS}, got {item!r}")
+        if kind == "python" and (":" not in arg or not all(arg.partition(":")[::2])):
+            raise ValueError(f"{field}: python=module:function, got {item!r}")
+        out.append((kind, arg))
+    return out
+
+
+def parse_weights(text: str, field: str = "video.reward_weights") -> dict[str, float] | None:
+    """JSON {dimension: weight} or '' (None: weight 1 for every dimension)."""
+    if not text.strip():
+        return None
+    try:
+        weights = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field} must be JSON like {{\"vq\": 1, \"mq\": 1, \"ta\": 1}} or empty, got {text!r}") from e
+    if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
+        raise ValueError(f"{field} must map dimension names to numbers, got {text!r}")
+    return {str(k): float(v) for k, v in weights.items()}
+
+
+def _python_part(target: str) -> RewardPart:
+    module_name, _, fn_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"video.reward: cannot import module {module_name!r} for python={target}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"video.reward: {module_name!r} has no callable {fn_name!r} (python={target})")
+
+    def part(video, prompts):
+        out = fn(video, prompts)
+        return out if isinstance(out, dict) else {fn_name: out}
+
+    return part
+
+
+class RewardParts:
+    """The configured parts and weights: `(video, prompts) -> (total [B], {dimension: [B]})`."""
+
+    def __init__(self, parts: list[RewardPart], weights: dict[str, float] | None = None) -> None:
+        self.parts, self.weights = parts, weights
+
+    def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        B = video_bcfhw.shape[0]
+        scores: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for part in self.parts:
+                for name, value in part(video_bcfhw, list(prompts)).items():
+                    value = torch.as_tensor(value).float().reshape(-1).cpu()
+                    if value.shape != (B,):
+                        raise ValueError(f"reward dimension {name!r} returned shape {tuple(value.shape)}, "
+                                         f"expected [{B}] (one score per video)")
+                    if name in scores:
+                        raise ValueError(f"reward dimension {name!r} is returned by two parts of video.reward")
+                    scores[name] = value
+        weights = self.weights if self.weights is not None else {k: 1.0 for k in scores}
+        unknown = sorted(set(weights) - set(scores))
+        if unknown:
+            raise ValueError(f"video.reward_weights names {unknown}, but the rewards return {sorted(scores)}")
+        total = sum(w * scores[k] for k, w in weights.items())
+        return torch.as_tensor(total, dtype=torch.float32).expand(B).clone(), scores
+
+
+def build_reward(spec: str, weights: str = "", device="cpu") -> RewardParts:
+    """The reward of `video.reward` / `video.reward_weights` (see the module doc)."""
+    parts: list[RewardPart] = []
+    for kind, arg in parse_reward_spec(spec):
+        if kind == "clip_score":
+            from .clip_score import ClipScore  # noqa: PLC0415
+
+            parts.append(ClipScore.from_folder(arg, device=device))
+        else:
+            parts.append(_python_part(arg))
+    return RewardParts(parts, parse_weights(weights))
