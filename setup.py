@@ -105,7 +105,9 @@ setup(
         "pillow>=9",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10"],
+        # deepspeed: dist.strategy=deepspeed_zero2 (its ops are JIT-built when first used)
+        "deepspeed": ["deepspeed>=0.16"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10", "deepspeed>=0.16"],
         # GPU extras: built against the user's CUDA torch; cannot build on CPU-only machines
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.27"],
     },

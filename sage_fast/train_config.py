@@ -34,7 +34,7 @@ __all__ = ["RunConfig", "TaskConfig", "WorldConfig", "VideoConfig", "GRPOConfig"
            "check_paths"]
 
 REF_SOURCES = ("training_phase", "rollout_phase")
-DP_STRATEGIES = ("ddp", "fsdp2")
+DP_STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2")
 TASK_KINDS = ("world", "hunyuanvideo15")
 PIPELINE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -266,7 +266,7 @@ class OptimConfig:
 @dataclass
 class DistConfig:
     strategy: str = "ddp"
-    """Data parallel wrapping with more than one rank: 'ddp' or 'fsdp2'."""
+    """Data parallel wrapping with more than one rank: 'ddp', 'fsdp2' or 'deepspeed_zero2' (needs the deepspeed package)."""
     sp: int = 1
     """Ulysses sequence-parallel degree (must divide the world size and the attention heads)."""
 
@@ -274,6 +274,9 @@ class DistConfig:
         if self.strategy not in DP_STRATEGIES:
             raise ValueError(f"dist.strategy must be one of {DP_STRATEGIES}, got {self.strategy!r}")
         _positive_int("dist.sp", self.sp)
+        if self.strategy == "deepspeed_zero2" and self.sp != 1:
+            raise ValueError(f"dist.strategy='deepspeed_zero2' runs with dist.sp=1 only (Ulysses is wired for ddp "
+                             f"and fsdp2), got dist.sp={self.sp}")
 
 
 @dataclass

@@ -142,6 +142,10 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
+        self.ds = None  # the DeepSpeed engine under dist.strategy='deepspeed_zero2' with > 1 rank
+        if world_size > 1 and cfg.dist.strategy == "deepspeed_zero2":
+            self.ds = _deepspeed_zero2(self.model, self.optimizer, o.grad_clip, self.device)
+            self.policy, self.optimizer = self.ds, self.ds.optimizer
         # CUDA graphs do not hold FSDP2's per-block all-gathers or Ulysses' all-to-alls here: eager
         self.engine = RolloutEngine(self.model.velocity, cfg.sampler, cuda_graph=not self.fsdp and sp == 1)
         self.eval_engine = RolloutEngine(self.model.velocity, SamplerConfig(
@@ -279,13 +283,15 @@ class Trainer:
         batches = list(self._micro_batches(pairs))
         need_ref = self.anchor is not None and not self.anchor.equals_policy
         totals = {"loss": 0.0, "policy": 0.0, "kl_anchor": 0.0, "kl_step": 0.0, "clip_frac": 0.0, "pairs": 0}
-        sync_ctx = getattr(self.policy, "no_sync", None)
+        sync_ctx = getattr(self.policy, "no_sync", None) if self.ds is None else None
         for i, (sample_b, step_t) in enumerate(batches):
             x, x_next, coef, timestep, c = self._pair_inputs(traj, cond, sample_b, step_t)
             last = i == len(batches) - 1
             ctx = sync_ctx() if (sync_ctx is not None and not last) else _null()
             if self.fsdp:  # accumulate unsharded gradients; reduce-scatter once, on the last micro-batch
                 self.model.transformer.set_requires_gradient_sync(last)
+            if self.ds is not None:  # ZeRO-2 reduce-scatters every micro-batch into its partitions
+                self.ds.set_gradient_accumulation_boundary(last)
             with ctx:
                 v = self.policy(x, timestep, c, self.cfg.sampler.cfg_scale).to(x.dtype).contiguous()
                 v_ref = None
@@ -303,7 +309,10 @@ class Trainer:
                 # ranks of a group hold the same pairs (their average is the group's gradient),
                 # so scale by the number of data-parallel ranks
                 weight = float(valid.sum()) * self.dp_size / float(n_valid)
-                (terms.loss * weight).backward()
+                if self.ds is not None:  # our weights already average: no 1/accumulation-steps scaling
+                    self.ds.backward(terms.loss * weight, scale_wrt_gas=False)
+                else:
+                    (terms.loss * weight).backward()
             n = int(valid.sum())
             totals["pairs"] += n
             for key in ("loss", "policy", "kl_anchor", "kl_step"):
@@ -327,9 +336,20 @@ class Trainer:
     def _optimizer_step(self, terms: dict) -> dict:
         params = [p for _, p in self.trainable]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-        finite = bool(torch.isfinite(norm)) and math.isfinite(terms["loss"])
+        if self.ds is not None:
+            # DeepSpeed clips (gradient_clipping) and skips the step itself when the global
+            # gradient norm is not finite (its overflow check, on in fp32 too)
+            self.ds.step()
+            norm = self.ds.get_global_grad_norm()
+            norm = torch.tensor(float("inf") if norm is None else float(norm))
+            applied = self.ds.was_step_applied()
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+            applied = True
+        finite = bool(torch.isfinite(norm)) and math.isfinite(terms["loss"]) and applied
         if not finite:
+            if applied and self.ds is not None:  # cannot happen with a NaN/inf loss (its gradient is NaN too)
+                log.error("iteration %d: DeepSpeed applied an update with a non-finite loss", self.iteration)
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
@@ -339,7 +359,8 @@ class Trainer:
                 raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates with a non-finite loss or "
                                          f"gradient (run.max_nonfinite={self.cfg.run.max_nonfinite}): stopping")
             return {"grad_norm": float(norm), "skipped": True}
-        self.optimizer.step()
+        if self.ds is None:
+            self.optimizer.step()
         self.nonfinite_streak = 0
         kl_measure = terms["kl_anchor"] if self.anchor is not None else terms["kl_step"]
         self.kl.update(kl_measure)
@@ -424,7 +445,10 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.trainable:
                 p.copy_(_like(state["model"][n].to(self.device), p))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ds is not None:
+            _load_zero2_optimizer(self.ds.optimizer, state["optimizer"], self.rank, self.world)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.fsdp:  # the loaded moments are full tensors: shard them like their parameters
             for p in self.optimizer.state:
                 for k, v in self.optimizer.state[p].items():
@@ -444,6 +468,11 @@ class Trainer:
         self.history = list(state["history"])
 
     def _optimizer_state(self) -> dict:
+        if self.ds is not None:  # every rank's partition (a collective: every rank calls it)
+            local = {"base_optimizer_state": self.ds.optimizer.optimizer.state_dict()}
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, local, group=self.group)
+            return {"deepspeed_zero2": gathered}
         state = self.optimizer.state_dict()
         if self.fsdp:
             state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
@@ -451,7 +480,8 @@ class Trainer:
 
     def save(self) -> None:
         rng = capture_rng_state()
-        state = self.state_dict() if (self.fsdp or self.rank == 0) else None  # collective under FSDP2
+        # a collective under FSDP2 (full tensors) and DeepSpeed (optimizer partitions)
+        state = self.state_dict() if (self.fsdp or self.ds is not None or self.rank == 0) else None
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, rng, group=self.group)
@@ -473,6 +503,43 @@ class Trainer:
             restore_rng_state(rngs[self.rank])
         log.info("resumed from iteration %d", self.iteration)
         return True
+
+
+def _deepspeed_zero2(model, optimizer, grad_clip, device):
+    """The DeepSpeed ZeRO-2 engine around the policy and its AdamW: optimizer states and
+    gradients partitioned over the ranks, parameters replicated (the rollout runs the plain
+    module). The process group must exist (train.py starts it)."""
+    import os  # noqa: PLC0415
+
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    try:
+        import deepspeed  # noqa: PLC0415
+    except ImportError as err:
+        raise ValueError("dist.strategy='deepspeed_zero2' needs the deepspeed package (pip install deepspeed); "
+                         "or use dist.strategy='ddp' or 'fsdp2'") from err
+    config = {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(grad_clip) if grad_clip is not None else 0.0,
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+        "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine
+
+
+def _load_zero2_optimizer(zero_opt, saved: dict, rank: int, world: int) -> None:
+    """Restore this rank's ZeRO-2 partition: AdamW moments and step from the checkpoint, the fp32
+    master partition from the (already loaded) float32 parameters, which equal it exactly."""
+    parts = saved.get("deepspeed_zero2") if isinstance(saved, dict) else None
+    if parts is None:
+        raise ValueError("checkpoint optimizer state was not written under dist.strategy='deepspeed_zero2': "
+                         "resume with the strategy that wrote it")
+    if len(parts) != world:
+        raise ValueError(f"checkpoint holds {len(parts)} ZeRO-2 partitions but this run has {world} ranks: resume a "
+                         "deepspeed_zero2 run with the same number of ranks")
+    zero_opt.optimizer.load_state_dict(parts[rank]["base_optimizer_state"])
+    zero_opt._restore_from_bit16_weights()
 
 
 def _full(t):

@@ -187,8 +187,15 @@ def test_cli_runs_evaluates_checkpoints_and_resumes(tmp_path):
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 
 
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2", pytest.param(
+    "deepspeed_zero2", marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed"))])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy):
     """2 ranks (data parallel, or one Ulysses sp=2 group) == 1 rank (gradients), and 1 + 1
     iterations with a resume == 2 on both ranks."""
@@ -213,3 +220,14 @@ def test_learning_summary():
     flat = [{"eval/reward": r} for r in (0.3, 0.2, 0.4, 0.3, 0.35)]
     assert not learning_summary(flat)["learned"]
     assert learning_summary(flat[:2]) == {"evaluations": 2}
+
+
+def test_deepspeed_strategy_errors_name_the_field(monkeypatch):
+    from sage_fast.trainer import _deepspeed_zero2
+
+    with pytest.raises(ValueError, match="dist.sp"):
+        C.apply_overrides(C.get_recipe("tiny_world"), ["dist.strategy=deepspeed_zero2", "dist.sp=2"])
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # restored afterwards (the call sets it on CPU)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: import raises ImportError
+    with pytest.raises(ValueError, match="dist.strategy='deepspeed_zero2' needs the deepspeed package"):
+        _deepspeed_zero2(torch.nn.Linear(2, 2), None, 1.0, torch.device("cpu"))
