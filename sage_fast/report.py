@@ -80,8 +80,10 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     its = [h["iteration"] for h in history]
-    reward_keys = sorted(k for k in history[0] if k.startswith("eval/") and k != "eval/manifold_distance")
-    has_dist = "eval/manifold_distance" in history[0]
+    # keys of every evaluation (a first evaluation whose reward failed has no dimensions)
+    keys = set().union(*history)
+    reward_keys = sorted(k for k in keys if k.startswith("eval/") and k != "eval/manifold_distance")
+    has_dist = "eval/manifold_distance" in keys
     fig, axes = plt.subplots(1, 2 if has_dist else 1, figsize=(11 if has_dist else 6, 4), squeeze=False)
     for key in reward_keys:
         axes[0, 0].plot(its, [h.get(key, float("nan")) for h in history], marker="o", label=key.split("/", 1)[1])
@@ -89,7 +91,8 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     axes[0, 0].legend()
     axes[0, 0].grid(alpha=0.3)
     if has_dist:
-        axes[0, 1].plot(its, [h["eval/manifold_distance"] for h in history], marker="o", color="tab:red")
+        axes[0, 1].plot(its, [h.get("eval/manifold_distance", float("nan")) for h in history], marker="o",
+                        color="tab:red")
         axes[0, 1].set(xlabel="iteration", ylabel="distance to best re-rendering", title="manifold distance")
         axes[0, 1].grid(alpha=0.3)
     fig.tight_layout()

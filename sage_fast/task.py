@@ -130,6 +130,8 @@ class HunyuanVideo15Task:
             raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds no prompts")
         if video_cfg.eval_prompt_file is not None:
             self.eval_prompts = [r["prompt"] for r in read_prompts(video_cfg.eval_prompt_file, grammar=False)]
+            if not self.eval_prompts:
+                raise ValueError(f"video.eval_prompt_file={video_cfg.eval_prompt_file!r} holds no prompts")
         else:
             self.eval_prompts = self.train_prompts[:video_cfg.num_eval_prompts]
         dtype = getattr(torch, video_cfg.dtype)
@@ -162,9 +164,13 @@ class HunyuanVideo15Task:
 
     def reward(self, video_bcfhw: torch.Tensor, prompt_list: list[str]) -> RewardResult:
         """Never raises for a bad sample: a failure becomes NaN rows and is reported."""
+        from sage_fast.rewards import RewardConfigError  # noqa: PLC0415
+
         try:
             total, scores = self.reward_fn(video_bcfhw, list(prompt_list))
             return RewardResult(total_b=total, scores=scores)
+        except RewardConfigError:
+            raise  # a configuration mistake: stop now rather than score every batch NaN
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
             log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
             nan = torch.full((video_bcfhw.shape[0],), float("nan"))

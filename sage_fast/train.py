@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CPU tensors (rewards, advantages, counts) go through gloo even when the GPUs use NCCL
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         group = dist.group.WORLD
     try:
         return _run(cfg, out, rank, world, group, device, recipe_name)
@@ -141,9 +142,10 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
              out, trainer.iteration, cfg.run.steps)
 
     def evaluate():
+        # every rank: under FSDP2 and Ulysses the forward is a collective; rank 0 writes
+        result = trainer.evaluate()
         if rank != 0:
             return
-        result = trainer.evaluate()
         writer.write(result, kind="eval")
         log.info("eval @ %d: %s", trainer.iteration,
                  ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in result.items() if k.startswith("eval/")))
@@ -187,7 +189,8 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
         writer.close()
     if rank == 0:
         plot = plot_history(trainer.history, run_path(out, "summary.png"))
-        learned = learning_summary(trainer.history)
+        # the visual-quality guard where the task has one (the world's VQ, VideoAlign's vq)
+        learned = learning_summary(trainer.history, guard="eval/vq")
         (out / "summary.json").write_text(json.dumps({"learning": learned, "history": trainer.history,
                                                       "plot": str(plot)}, indent=1))
         log.info("done: %s; evaluation reward %s", out,

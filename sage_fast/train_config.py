@@ -352,7 +352,7 @@ def hunyuanvideo15_480p() -> TrainConfig:
 
 def check_paths(cfg: TrainConfig) -> None:
     """Before any work: every file the run will read exists (ValueErrors name the field)."""
-    from sage_fast.rewards import parse_reward_spec  # noqa: PLC0415
+    from sage_fast.rewards import check_python_parts, parse_reward_spec  # noqa: PLC0415
 
     if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
         raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist (a local diffusers model or "
@@ -380,6 +380,7 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ValueError("video.prompt_file must name a .txt or .jsonl prompt file")
         if value is not None and not Path(value).is_file():
             raise ValueError(f"video.{name}={value!r} is not a file")
+    check_python_parts(v.reward)
     for kind, arg in parse_reward_spec(v.reward):
         if kind == "clip_score" and not Path(arg).is_dir():
             raise ValueError(f"video.reward: clip_score={arg!r} is not a folder (a local CLIP model)")

@@ -237,6 +237,15 @@ class Trainer:
         with timer("advantages"):
             adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip,
                                    process_group=self.dp_group if self.dp_size > 1 else None)
+        if float(self._all_reduce(adv.valid_b.sum().to(torch.float64).reshape(1))) == 0:
+            # no sample of the global batch has a finite reward: nothing to learn from, and an
+            # optimizer step on zero gradients would still move Adam's momentum
+            self._skip_update(f"batch without a finite reward ({reward.error or 'every reward NaN'})")
+            idle = {"loss": 0.0, "policy": 0.0, "kl_anchor": 0.0, "kl_step": 0.0, "clip_frac": 0.0}
+            metrics = self._iteration_metrics(it, reward, adv, [idle], {"grad_norm": 0.0, "skipped": True},
+                                              PerStepStats(cfg.sampler.num_steps), timer)
+            self.iteration += 1
+            return metrics
         pairs = self._choose_pairs(it, adv.valid_b)
         v_ref_store = None
         need_ref = self.anchor is not None and not self.anchor.equals_policy
@@ -351,13 +360,7 @@ class Trainer:
             if applied and self.ds is not None:  # cannot happen with a NaN/inf loss (its gradient is NaN too)
                 log.error("iteration %d: DeepSpeed applied an update with a non-finite loss", self.iteration)
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            log.warning("iteration %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                        self.iteration, terms["loss"], float(norm), self.nonfinite_streak)
-            if self.nonfinite_streak >= self.cfg.run.max_nonfinite:
-                raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates with a non-finite loss or "
-                                         f"gradient (run.max_nonfinite={self.cfg.run.max_nonfinite}): stopping")
+            self._skip_update(f"non-finite loss or gradient (loss {terms['loss']}, grad norm {float(norm)})")
             return {"grad_norm": float(norm), "skipped": True}
         if self.ds is None:
             self.optimizer.step()
@@ -367,6 +370,15 @@ class Trainer:
         refreshed = self.anchor.after_optimizer_step(self.model) if self.anchor is not None else False
         return {"grad_norm": float(norm), "skipped": False, "anchor_refreshed": refreshed}
 
+    def _skip_update(self, why: str) -> None:
+        """Count a skipped update; stop the run after run.max_nonfinite in a row."""
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        log.warning("iteration %d: %s: update skipped (%d in a row)", self.iteration, why, self.nonfinite_streak)
+        if self.nonfinite_streak >= self.cfg.run.max_nonfinite:
+            raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates skipped, the last for a {why} "
+                                     f"(run.max_nonfinite={self.cfg.run.max_nonfinite}): stopping")
+
     def _iteration_metrics(self, it, reward, adv, losses, update_info, stats, timer) -> dict:
         total = reward.total_b
         finite = torch.isfinite(total)
@@ -374,7 +386,13 @@ class Trainer:
                             dtype=torch.float64)
         self._all_reduce(sums)
         dims = {}
-        for name, score in reward.scores.items():
+        names = sorted(reward.scores)
+        if self.dp_size > 1:  # a rank whose reward failed has no dimensions: agree on the union first
+            gathered = [None] * self.dp_size
+            dist.all_gather_object(gathered, names, group=self.dp_group)
+            names = sorted(set().union(*gathered))
+        for name in names:
+            score = reward.scores.get(name, torch.empty(0))
             ok = torch.isfinite(score)
             s = self._all_reduce(torch.tensor([float(score[ok].sum()), float(ok.sum())], dtype=torch.float64))
             dims[f"reward/{name}"] = float(s[0] / s[1].clamp(min=1))

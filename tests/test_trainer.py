@@ -135,6 +135,22 @@ def test_failed_rewards_are_excluded_and_nan_updates_skipped(tmp_path, monkeypat
         trainer.step()
 
 
+def test_a_batch_without_any_finite_reward_skips_the_update_and_counts(tmp_path, monkeypatch):
+    from sage_fast.task import RewardResult
+
+    trainer = Trainer(tiny_cfg(tmp_path, "run.max_nonfinite=2"))
+    trainer.step()  # Adam has momentum now: a step on zero gradients would still move the policy
+    monkeypatch.setattr(trainer.task, "reward", lambda video, prompts: RewardResult(
+        total_b=torch.full((video.shape[0],), float("nan")), scores={}, error="RuntimeError: reward server down"))
+    before = trainable_state(trainer)
+    m = trainer.step()
+    assert m["update_skipped"] is True and m["reward/failed"] == 4 and trainer.nonfinite_total == 1
+    for name, value in trainable_state(trainer).items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(FloatingPointError, match="reward server down"):
+        trainer.step()
+
+
 @pytest.mark.parametrize("override, match", [
     (["grpo.group_size=3"], "grpo.group_size=3 must divide the global batch"),
     (["grpo.kl_mode=kl"], "grpo.kl_mode must be one of"),
@@ -207,6 +223,21 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(f"OK trainer {strategy}") == 2, proc.stdout[-2000:]
     assert proc.stdout.count(f"OK resume {strategy}") == 2, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_cli_on_two_ranks_evaluates_on_every_rank_under_fsdp2_and_sp(tmp_path):
+    """The evaluation forward is a collective under FSDP2 and Ulysses: every rank must run it
+    (rank 0 alone used to leave the other rank in the rollout: a collective mismatch)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = TINY + [f"run.output_dir={tmp_path}/run", "run.steps=2", "run.eval_every=1", "dist.strategy=fsdp2",
+                   "dist.sp=2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sage_fast.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r.get("kind") == "eval"] == [0, 1, 2]
 
 
 def test_learning_summary():

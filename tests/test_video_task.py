@@ -61,10 +61,16 @@ def test_trimmed_text_padding_leaves_the_velocity_unchanged(tiny, encoder):
     padded = TextEmbeddings(*(torch.nn.functional.pad(t, (0, 0, 0, 40) if t.dim() == 3 else (0, 40))
                               for t in (trimmed.embeds_bld, trimmed.mask_bl, trimmed.embeds_2_bld, trimmed.mask_2_bl)))
     x = torch.randn(2, TINY_LATENT_CHANNELS, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    negative = encoder.encode(["", ""])  # shorter than the prompts: CFG stacks streams of two lengths
+    t = torch.tensor([700.0, 300.0])
     with torch.no_grad():
-        a = model.velocity(x, torch.tensor([700.0, 300.0]), Conditioning(prompt=trimmed))
-        b = model.velocity(x, torch.tensor([700.0, 300.0]), Conditioning(prompt=padded))
+        a = model.velocity(x, t, Conditioning(prompt=trimmed))
+        b = model.velocity(x, t, Conditioning(prompt=padded))
+        a_cfg = model.velocity(x, t, Conditioning(prompt=trimmed, negative=negative), cfg_scale=4.0)
+        b_cfg = model.velocity(x, t, Conditioning(prompt=padded, negative=negative), cfg_scale=4.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a_cfg, b_cfg, rtol=1e-5, atol=1e-5)
+    assert negative.mask_bl.shape[1] < trimmed.mask_bl.shape[1] and not torch.allclose(a, a_cfg)
 
 
 def test_released_encoder_serves_the_cache_and_refuses_new_prompts(tiny):
@@ -117,9 +123,29 @@ def test_clip_score_equals_clip_models_own_similarity(tiny):
         out = model(**tok(PROMPTS[:2], padding=True, return_tensors="pt"), pixel_values=pixels)
     expected = out.logits_per_image.diagonal() / model.logit_scale.exp()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    pix = ClipScore(scorer.model, scorer.tokenizer, frames=8).pixels(torch.zeros(1, 3, 4, 48, 64))
-    assert pix.shape == (4, 3, 32, 32)  # every frame (4 < 8), resized and centre-cropped
-    torch.testing.assert_close(pix, ((0.5 - mean) / std).expand(4, 3, 32, 32))
+    assert ClipScore(scorer.model, scorer.tokenizer, frames=8).pixels(torch.zeros(1, 3, 4, 48, 64)).shape == \
+        (4, 3, 32, 32)  # every frame (4 < 8)
+
+
+def test_clip_preprocessing_matches_transformers_image_processor(tiny):
+    """Resize (shorter side), centre crop and normalisation against CLIP's own processor on a
+    non-symmetric pattern. Tolerances: the processor rounds to uint8 and resizes with PIL's
+    bicubic filter, ours with torch's antialiased bicubic (edge pixels differ by up to ~0.08 in
+    normalised units); a misplaced crop or swapped axes is off by > 1."""
+    from transformers import CLIPImageProcessor
+
+    from sage_fast.rewards.clip_score import ClipScore
+
+    scorer = ClipScore.from_folder(tiny / "clip", frames=1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 64), indexing="ij")
+    frame = torch.stack([xx, yy, xx * yy])  # [3, 48, 64]
+    img = ((frame + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ref = torch.tensor(proc(images=img, return_tensors="np")["pixel_values"])[0]
+    video = (torch.tensor(img).permute(2, 0, 1).float() / 255 * 2 - 1)[None, :, None]
+    diff = (scorer.pixels(video)[0] - ref).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.15, (float(diff.mean()), float(diff.max()))
+    assert (scorer.pixels(video.flip(-1))[0] - ref).abs().max() > 1.0  # the check can tell a mirrored crop
 
 
 def test_reward_spec_weights_and_python_parts(tmp_path, monkeypatch):
@@ -128,8 +154,9 @@ def test_reward_spec_weights_and_python_parts(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="video.reward"):
             parse_reward_spec(bad)
     assert parse_weights("") is None and parse_weights('{"vq": 2}') == {"vq": 2.0}
-    with pytest.raises(ValueError, match="video.reward_weights"):
-        parse_weights("vq=2")
+    for bad in ("vq=2", "{}", '{"vq": NaN}', '{"vq": true}', "[1]"):
+        with pytest.raises(ValueError, match="video.reward_weights"):
+            parse_weights(bad)
     (tmp_path / "my_reward.py").write_text(
         "import torch\n"
         "def three(video, prompts):\n"
@@ -206,7 +233,26 @@ def test_cli_runs_the_recipe_and_writes_the_run_folder(tiny, tmp_path):
     assert (run / "summary.json").exists() and (run / "summary.png").exists()
 
 
+def test_reward_configuration_mistakes_stop_the_run_model_failures_do_not(tiny, tmp_path):
+    from sage_fast.rewards import RewardConfigError
+    from sage_fast.task import HunyuanVideo15Task
+
+    cfg = _recipe(tiny, tmp_path, 'video.reward_weights={"VQ": 1}')  # the CLIP part returns clip_score
+    from sage_fast.models import load_transformer
+
+    task = HunyuanVideo15Task(cfg.video, load_transformer(tiny).config)
+    video = torch.zeros(2, 3, 5, 32, 32)
+    with pytest.raises(RewardConfigError, match="reward_weights names"):
+        task.reward(video, PROMPTS[:2])
+    task.reward_fn.weights = None
+    assert torch.isfinite(task.reward(video, PROMPTS[:2]).total_b).all()
+    task.reward_fn.parts[0].model = None  # a broken reward model: NaN rows and the error, no crash
+    out = task.reward(video, PROMPTS[:2])
+    assert torch.isnan(out.total_b).all() and "AttributeError" in out.error
+
+
 @pytest.mark.parametrize("override, field", [
+    ("video.reward=python=no_such_reward_module_xyz:score", "no_such_reward_module_xyz"),
     ("video.pipeline={missing}", "video.pipeline"),
     ("model.checkpoint={missing}", "model.checkpoint"),
     ("video.prompt_file={missing}", "video.prompt_file"),

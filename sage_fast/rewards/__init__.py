@@ -20,14 +20,22 @@ The synthetic world has its own rewards (sage_fast.world.rewards) with the same 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import math
 from typing import Callable
 
 import torch
 
-__all__ = ["REWARD_KINDS", "RewardParts", "parse_reward_spec", "build_reward", "parse_weights"]
+__all__ = ["REWARD_KINDS", "RewardConfigError", "RewardParts", "parse_reward_spec", "build_reward", "parse_weights",
+           "check_python_parts"]
 
 REWARD_KINDS = ("clip_score", "python")
+
+class RewardConfigError(ValueError):
+    """A mistake in the reward's configuration (weights naming dimensions no part returns, a part
+    returning the wrong shape, two parts returning one name): the run must stop, not score NaN."""
+
 
 RewardPart = Callable[[torch.Tensor, list], "dict[str, torch.Tensor] | torch.Tensor"]
 
@@ -58,8 +66,11 @@ def parse_weights(text: str, field: str = "video.reward_weights") -> dict[str, f
         weights = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{field} must be JSON like {{\"vq\": 1, \"mq\": 1, \"ta\": 1}} or empty, got {text!r}") from e
-    if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
-        raise ValueError(f"{field} must map dimension names to numbers, got {text!r}")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"{field} must map at least one dimension name to a number, got {text!r}")
+    for k, v in weights.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{field}: the weight of {k!r} must be a finite number, got {v!r}")
     return {str(k): float(v) for k, v in weights.items()}
 
 
@@ -94,17 +105,30 @@ class RewardParts:
                 for name, value in part(video_bcfhw, list(prompts)).items():
                     value = torch.as_tensor(value).float().reshape(-1).cpu()
                     if value.shape != (B,):
-                        raise ValueError(f"reward dimension {name!r} returned shape {tuple(value.shape)}, "
+                        raise RewardConfigError(f"reward dimension {name!r} returned shape {tuple(value.shape)}, "
                                          f"expected [{B}] (one score per video)")
                     if name in scores:
-                        raise ValueError(f"reward dimension {name!r} is returned by two parts of video.reward")
+                        raise RewardConfigError(f"reward dimension {name!r} is returned by two parts of video.reward")
                     scores[name] = value
         weights = self.weights if self.weights is not None else {k: 1.0 for k in scores}
         unknown = sorted(set(weights) - set(scores))
         if unknown:
-            raise ValueError(f"video.reward_weights names {unknown}, but the rewards return {sorted(scores)}")
+            raise RewardConfigError(f"video.reward_weights names {unknown}, but the rewards return {sorted(scores)}")
         total = sum(w * scores[k] for k, w in weights.items())
         return torch.as_tensor(total, dtype=torch.float32).expand(B).clone(), scores
+
+
+def check_python_parts(spec: str, field: str = "video.reward") -> None:
+    """Before any work: every python=module:function module can be found (not imported yet)."""
+    for kind, arg in parse_reward_spec(spec, field):
+        if kind == "python":
+            module = arg.partition(":")[0]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ValueError(f"{field}: module {module!r} of python={arg} cannot be found on the Python path")
 
 
 def build_reward(spec: str, weights: str = "", device="cpu") -> RewardParts:
