@@ -26,3 +26,16 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernels_sde.py tests/test_cp
 tail -3 "$OUT/pytest-kernels.log"
 python3 bench/run.py --device cuda --sizes authors,480p,720p --out "$OUT" --tag bench-cuda 2>&1 | tail -40
 python3 bench/rollout.py --device cuda --out "$OUT" 2>&1 | tail -5
+# The hunyuanvideo15_480p recipe's code path on the GPU (bf16 autocast, CUDA graphs, VAE and
+# text encoders on the device) with a random toy pipeline of the real classes: plumbing, not numbers.
+HV_TOY=/tmp/sage_fast_hv15_toy
+{
+  echo "== hunyuanvideo15_480p recipe on a toy pipeline (device ${HV_DEVICE:-cuda})"
+  rm -rf "$HV_TOY" && python3 -m sage_fast.models.tiny_pipeline "$HV_TOY/pipe" > /dev/null &&
+  python3 -m sage_fast.train --recipe hunyuanvideo15_480p video.pipeline="$HV_TOY/pipe" model.checkpoint="$HV_TOY/pipe" \
+    video.prompt_file="$HV_TOY/pipe/prompts.txt" video.reward=clip_score="$HV_TOY/pipe/clip" video.frames=5 \
+    video.height=32 video.width=32 sampler.num_steps=4 grpo.samples_per_rank=4 grpo.group_size=2 grpo.train_steps=2 \
+    grpo.micro_batch=2 dist.sp=1 run.steps=2 run.eval_every=1 run.output_dir="$HV_TOY/run" run.device="${HV_DEVICE:-cuda}"
+  echo "exit $?"
+} >> "$OUT/pytest-gpu.log" 2>&1
+tail -4 "$OUT/pytest-gpu.log"
