@@ -311,7 +311,7 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     for bad, match in ((["--frames", "6"], "--frames must be 4k\\+1"), (["--sigma-shift", "0"], "--sigma-shift"),
                        (["--temporal", "3"], "--temporal must be >= 1 and divide frames - 1 = 4"),
                        (["--patch", "5"], "--patch must divide the 32x32 frame"),
-                       (["--uniform-frac", "1.5"], "--uniform-frac")):
+                       (["--uniform-frac", "1.5"], "--uniform-frac"), (["--x0-weight-floor", "1"], "--x0-weight-floor")):
         with pytest.raises(ValueError, match=match):
             main(["--out", str(out), *bad])
     # continued pretraining starts from the checkpoint's weights and keeps its architecture
@@ -320,6 +320,16 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     w2 = json.loads((more / "world.json").read_text())
     assert w2["train"]["init_from"] == str(out) and w2["train"]["architecture_overrides"]["num_layers"] == 1
     assert load_transformer(more).config.num_attention_heads == 2
+
+
+def test_x0_weight_floor_reweights_only_below_the_floor():
+    from sage_fast.world.pretrain import loss_weights
+
+    sigma = torch.tensor([0.01, 0.05, 0.1, 0.3, 0.7, 1.0])
+    assert torch.equal(loss_weights(sigma, 0.0), torch.ones(6))
+    # x0-error weight 1/max(sigma, 0.05)^2 times the factor == 1/max(sigma, 0.3)^2
+    torch.testing.assert_close(loss_weights(sigma, 0.3) / sigma.clamp(min=0.05) ** 2, 1 / sigma.clamp(min=0.3) ** 2)
+    assert torch.equal(loss_weights(sigma, 0.3)[3:], torch.ones(3))
 
 
 def test_shapes_and_palette_sizes():
