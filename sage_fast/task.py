@@ -33,6 +33,12 @@ class RewardResult:
     error: str | None = None  # why the whole batch failed, if it did
 
 
+def _failed_reward(batch: int, err: Exception) -> RewardResult:
+    """The whole batch's reward failed: NaN rows (excluded from the advantages) and the error."""
+    log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
+    return RewardResult(total_b=torch.full((batch,), float("nan")), scores={}, error=f"{type(err).__name__}: {err}")
+
+
 class WorldTask:
     """The synthetic video world (sage_fast.world) behind the task interface."""
 
@@ -100,9 +106,7 @@ class WorldTask:
             out = self.reward_fn(video_bcfhw, list(prompt_list))
             return RewardResult(total_b=out.total.float(), scores={k: v.float() for k, v in out.scores.items()})
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
-            log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
-            nan = torch.full((video_bcfhw.shape[0],), float("nan"))
-            return RewardResult(total_b=nan, scores={}, error=f"{type(err).__name__}: {err}")
+            return _failed_reward(video_bcfhw.shape[0], err)
 
     def manifold_distance(self, video_bcfhw: torch.Tensor) -> torch.Tensor | None:
         from sage_fast import world  # noqa: PLC0415
@@ -172,9 +176,7 @@ class HunyuanVideo15Task:
         except RewardConfigError:
             raise  # a configuration mistake: stop now rather than score every batch NaN
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
-            log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
-            nan = torch.full((video_bcfhw.shape[0],), float("nan"))
-            return RewardResult(total_b=nan, scores={}, error=f"{type(err).__name__}: {err}")
+            return _failed_reward(video_bcfhw.shape[0], err)
 
     def manifold_distance(self, video_bcfhw: torch.Tensor) -> None:
         return None

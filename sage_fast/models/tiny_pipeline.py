@@ -95,15 +95,16 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
                                     out_channels=TINY_LATENT_CHANNELS, text_embed_dim=TINY_TEXT_DIM,
                                     text_embed_2_dim=TINY_TEXT_2_DIM)
     transformer.save_pretrained(out / "transformer")
-    clip_cfg = CLIPConfig(text_config={"vocab_size": len(_clip_tokenizer()), "hidden_size": 16,
+    clip_tok = _clip_tokenizer()
+    clip_cfg = CLIPConfig(text_config={"vocab_size": len(clip_tok), "hidden_size": 16,
                                        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                        "max_position_embeddings": 77, "bos_token_id": None, "pad_token_id": 1,
-                                       "eos_token_id": len(_clip_tokenizer()) - 1},
+                                       "eos_token_id": len(clip_tok) - 1},
                           vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 16,
                                          "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
                           projection_dim=8)
     CLIPModel(clip_cfg).save_pretrained(out / "clip")
-    _clip_tokenizer().save_pretrained(out / "clip")
+    clip_tok.save_pretrained(out / "clip")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     return out
 

@@ -214,8 +214,10 @@ def _row(name, s):
 
 
 def _prediction_line(config: dict) -> str:
-    if config.get("_sage_fast_prediction", "velocity") == "sample":
-        return ("x0 (`_sage_fast_prediction: sample` in config.json: the transformer outputs the clean latents, "
+    from sage_fast.models.hunyuan_video15 import PREDICTION_KEY  # noqa: PLC0415
+
+    if config.get(PREDICTION_KEY, "velocity") == "sample":
+        return (f"x0 (`{PREDICTION_KEY}: sample` in config.json: the transformer outputs the clean latents, "
                 "the adapter returns (x - x0_hat) / max(sigma, 0.05); loss = velocity MSE)")
     return "velocity (the transformer outputs x1 - x0)"
 
