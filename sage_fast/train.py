@@ -58,8 +58,10 @@ def build_config(argv: list[str]):
     return cfg, args.recipe
 
 
-def prepare_run_dir(cfg, rank: int = 0) -> Path:
-    """Check (every rank) and create (rank 0) the run folder; returns it."""
+def prepare_run_dir(cfg, rank: int = 0, barrier=None) -> Path:
+    """Check (every rank) and create (rank 0) the run folder; returns it. With several ranks pass
+    `barrier` (e.g. torch.distributed.barrier): every rank checks before rank 0 writes, otherwise a
+    slower rank would find rank 0's new folder and take it for an existing run."""
     from sage_fast import config as C  # noqa: PLC0415
     from sage_fast.checkpoint import CheckpointManager  # noqa: PLC0415
 
@@ -75,15 +77,18 @@ def prepare_run_dir(cfg, rank: int = 0) -> Path:
             changed = [k for k in now if k != "run" and before.get(k) != json.loads(json.dumps(now[k]))]
             if changed:
                 log.warning("resuming with config sections changed since the run started: %s", changed)
-    elif exists:
-        if not cfg.run.overwrite:
-            raise ValueError(f"run.output_dir {out} already holds a run: pass --resume to continue it or "
-                             "--overwrite to replace it (or choose another run.output_dir)")
-        if rank == 0:
-            shutil.rmtree(out)
+    elif exists and not cfg.run.overwrite:
+        raise ValueError(f"run.output_dir {out} already holds a run: pass --resume to continue it or "
+                         "--overwrite to replace it (or choose another run.output_dir)")
+    if barrier is not None:
+        barrier()  # every rank has checked the folder as it was
     if rank == 0:
+        if exists and not cfg.run.resume:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
+    if barrier is not None:
+        barrier()  # the folder exists for every rank
     return out
 
 
@@ -105,21 +110,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg, recipe_name = build_config(sys.argv[1:] if argv is None else argv)
-        out = prepare_run_dir(cfg, rank)
     except ValueError as err:
         print(f"sage_fast.train: {err}", file=sys.stderr)
         return 2
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = _device(cfg, local_rank)
-    group = None
+    group = barrier = None
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
         # CPU tensors (rewards, advantages, counts) go through gloo even when the GPUs use NCCL
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-        group = dist.group.WORLD
+        group, barrier = dist.group.WORLD, dist.barrier
     try:
+        try:
+            out = prepare_run_dir(cfg, rank, barrier)
+        except ValueError as err:  # every rank saw the same folder, so every rank stops here
+            print(f"sage_fast.train: {err}", file=sys.stderr)
+            return 2
         return _run(cfg, out, rank, world, group, device, recipe_name)
     finally:
         if world > 1:

@@ -165,6 +165,33 @@ def test_bad_configs_fail_before_any_work(tmp_path, override, match):
         Trainer(tiny_cfg(tmp_path, *override))
 
 
+def test_a_slow_rank_does_not_take_rank_zeros_new_folder_for_an_old_run(tmp_path):
+    """Every rank checks the folder before rank 0 creates it (a barrier between): rank 1, slower
+    here by 0.3 s, must not find rank 0's fresh config.json and refuse to start."""
+    import threading
+    import time
+
+    cfg = tiny_cfg(tmp_path)
+    barrier, errors = threading.Barrier(2), []
+
+    def rank(r):
+        try:
+            if r == 1:
+                time.sleep(0.3)
+            prepare_run_dir(cfg, r, barrier=barrier.wait)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert (Path(cfg.run.output_dir) / "config.json").exists()
+
+
 def test_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path)
     prepare_run_dir(cfg)
