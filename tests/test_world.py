@@ -9,7 +9,7 @@ from sage_fast.world import codec
 from sage_fast.world.manifold import fit_scene, manifold_distance
 from sage_fast.world.prompts import (VOCABULARY, WorldTextEncoder, describe_scenes, parse_prompt, read_prompts,
                                      sample_prompts, write_prompts)
-from sage_fast.world.render import COLOURS, FRAMES, SHAPES, coverage, render, sample_scenes
+from sage_fast.world.render import COLOUR_NAMES, COLOURS, DIRECTIONS, FRAMES, SHAPES, SIZES, coverage, render, sample_scenes
 from sage_fast.world.rewards import WEIGHTS, WorldReward, motion_quality, text_alignment, visual_quality
 
 N = 48  # videos per ranking test: means over many seeds
@@ -320,6 +320,74 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     w2 = json.loads((more / "world.json").read_text())
     assert w2["train"]["init_from"] == str(out) and w2["train"]["architecture_overrides"]["num_layers"] == 1
     assert load_transformer(more).config.num_attention_heads == 2
+
+
+def test_pretrain_workers_and_frozen_byt5_layers(tmp_path):
+    """Data-loading workers hand the loop the batches it would build itself (same weights, bit for
+    bit); --freeze-byt5-hidden leaves exactly the ByT5 projection's hidden layers untouched; the
+    time-based schedule and the periodic checkpoint write what they say."""
+    from safetensors.torch import load_file
+
+    from sage_fast.models import build_transformer
+    from sage_fast.world.pretrain import main, model_overrides
+
+    common = ["--steps", "4", "--batch", "2", "--heads", "2", "--head-dim", "16", "--layers", "1", "--log-every", "2",
+              "--threads", "1", "--skip-eval", "--cond-dropout", "0.5"]
+    main(["--out", str(tmp_path / "w0"), *common])
+    main(["--out", str(tmp_path / "w2"), "--workers", "2", *common])
+    a, b = (load_file(str(tmp_path / d / "diffusion_pytorch_model.safetensors")) for d in ("w0", "w2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    main(["--out", str(tmp_path / "fz"), "--freeze-byt5-hidden", "--lr-schedule", "time", "--save-every-min", "1e-9",
+          *common])
+    init = build_transformer("tiny", seed=0, **model_overrides(2, 16, 1, 2.0)).state_dict()
+    trained = load_file(str(tmp_path / "fz" / "diffusion_pytorch_model.safetensors"))
+    frozen = {k for k in trained if k.startswith(("context_embedder_2.norm", "context_embedder_2.linear_1",
+                                                   "context_embedder_2.linear_2"))}
+    assert len(frozen) == 6
+    for k in frozen:  # stored as float16: equal to the init rounded the same way
+        assert torch.equal(trained[k], init[k].half()), k
+    assert not torch.equal(trained["context_embedder_2.linear_3.weight"], init["context_embedder_2.linear_3.weight"].half())
+    world = json.loads((tmp_path / "fz" / "world.json").read_text())
+    tr = world["train"]
+    assert tr["freeze_byt5_hidden"] and tr["lr_schedule"] == "time" and tr["finished"] and tr["device"] == "cpu"
+    assert tr["trained_parameters"] < tr["parameters"] - 4_000_000
+    for bad, match in ((["--device", "tpu"], "--device must be cpu or cuda"), (["--workers", "-1"], "--workers"),
+                       (["--time-budget-min", "0"], "--time-budget-min")):
+        with pytest.raises(ValueError, match=match):
+            main(["--out", str(tmp_path / "bad"), *bad])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="allowed here: cpu"):
+            main(["--out", str(tmp_path / "bad"), "--device", "cuda", *common])
+
+
+def test_condition_dropout_on_token_ids_equals_encoding_the_empty_prompt():
+    from sage_fast.world.pretrain import drop_prompts
+
+    enc = WorldTextEncoder(32, 24)
+    prompts = ["a small red circle moving left and a large blue square moving up", "a green triangle moving down",
+               "a large cyan circle moving right"]
+    ids, mask = enc.token_ids(prompts)
+    for drop in ([False, False, False], [True, False, True], [True, True, True], [False, True, False]):
+        got = drop_prompts(ids, mask, torch.tensor(drop))
+        want = enc.token_ids(["" if d else p for p, d in zip(prompts, drop)])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), drop
+    assert torch.equal(ids, enc.token_ids(prompts)[0])  # the input is left as it was
+    e = enc.embed(ids, mask)
+    ref = enc.encode(prompts)
+    assert torch.equal(e.embeds_bld, ref.embeds_bld) and torch.equal(e.embeds_2_bld, ref.embeds_2_bld)
+
+
+def test_scene_to_and_describe_scenes_agree_with_elementwise_reading():
+    scene = sample_scenes(32, 3)
+    moved = scene.to("cpu")
+    assert all(torch.equal(getattr(scene, f), getattr(moved, f)) for f in scene.__dataclass_fields__)
+    # the prompt of each scene, read attribute by attribute
+    words = [[(tuple(SIZES)[int(scene.size_word_bo[b, o])], COLOUR_NAMES[int(scene.colour_bo[b, o])],
+               SHAPES[int(scene.shape_bo[b, o])], tuple(DIRECTIONS)[int(scene.direction_bo[b, o])])
+              for o in range(2) if bool(scene.present_bo[b, o])] for b in range(32)]
+    want = [" and ".join(f"a {s} {c} {sh} moving {d}" for s, c, sh, d in row) for row in words]
+    assert describe_scenes(scene) == want
 
 
 def test_x0_weight_floor_reweights_only_below_the_floor():

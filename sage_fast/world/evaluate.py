@@ -258,13 +258,13 @@ base policy of the tiny-world recipe: GRPO starts from here.
 
 - Made by (from the repository root, CPU): `{world['command']}`, then
   `python -m sage_fast.world.evaluate` (this card; {time.time() - t0:.0f} s).
-- Training: {tr['steps_done']} steps (planned {tr['steps_planned']}{', stopped by the time budget' if tr['stopped_early'] else ''}) x batch {tr['batch']},
-  AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%), grad clip 1, EMA {tr['ema']} (the EMA weights are shipped),
+- Training: {_steps_line(tr)} x batch {tr['batch']},
+  AdamW lr {tr['lr']} (warm-up {tr['warmup']} steps, cosine to 10% {_schedule_span(tr)}), grad clip 1, EMA {tr['ema']} (the EMA weights are shipped),
   condition dropout {tr['cond_dropout']} (empty prompt = CFG negative), {_sigma_line(tr)}, init {tr.get('init', 'default')},
-  prediction {_prediction_line(config)},
+  prediction {_prediction_line(config)}{_loss_line(tr)},
   data: fresh renders every step (`sample_scenes(batch, seed * 1000003 + step)`), two-object probability {tr['two_object_prob']}.
-  Wall time {tr['train_seconds'] / 60:.1f} min on {tr['threads']} CPU threads; final logged loss {log_rows[-1]['loss']:.4f}.
-- Model: {tr['parameters'] / 1e6:.2f}M parameters (4.2M of them are the class's fixed-width 2048 ByT5 projection),
+  Wall time {tr['train_seconds'] / 60:.1f} min on {_machine_line(tr)}; final logged loss {log_rows[-1]['loss']:.4f}.
+- Model: {tr['parameters'] / 1e6:.2f}M parameters (4.2M of them are the class's fixed-width 2048 ByT5 projection{_frozen_line(tr)}),
   weights stored as float16 (loaded as float32). Latents: `codec.encode` (space-to-depth {world['patch']}x{world['patch']}, x{world['latent_scale']:g}),
   {_latent_line(world)}. Text: `WorldTextEncoder` (frozen, seed {world['text_encoder_seed']}).
 - Sampling used below: Euler ODE, {smp['steps']} steps, shift {smp['shift']}, CFG {smp['cfg_scale']}
@@ -321,6 +321,31 @@ model's sample (right). The GIF plays all {world['frames']} frames (top: renders
 {_notes(path)}"""
     (path / "MODEL_CARD.md").write_text(text)
     return result
+
+
+def _steps_line(tr: dict) -> str:
+    if tr.get("lr_schedule", "steps") == "time":
+        return f"{tr['steps_done']} steps (as many as the time budget allowed)"
+    return f"{tr['steps_done']} steps (planned {tr['steps_planned']}{', stopped by the time budget' if tr['stopped_early'] else ''})"
+
+
+def _schedule_span(tr: dict) -> str:
+    return "over the time budget" if tr.get("lr_schedule", "steps") == "time" else "over the planned steps"
+
+
+def _loss_line(tr: dict) -> str:
+    floor = tr.get("x0_weight_floor", 0.0)
+    return f", the x0 error weighted by 1 / max(sigma, {floor:g})^2 (`--x0-weight-floor`)" if floor > 0 else ""
+
+
+def _machine_line(tr: dict) -> str:
+    device = tr.get("device", "cpu")
+    where = f"{tr['threads']} CPU threads" if device == "cpu" else f"{device} ({tr.get('autocast', 'none')} autocast)"
+    return where
+
+
+def _frozen_line(tr: dict) -> str:
+    return "; its norm and 2048-wide layers kept at their random init" if tr.get("freeze_byt5_hidden") else ""
 
 
 def _sigma_line(tr: dict) -> str:

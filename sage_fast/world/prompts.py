@@ -108,15 +108,18 @@ def describe_scenes(scene: Scene, with_size: bool = True) -> list[str]:
     if scene.direction_bo is None or (with_size and scene.size_word_bo is None):
         raise ValueError("describe_scenes needs scenes with direction_bo (and size_word_bo), e.g. from sample_scenes")
     sizes, directions = tuple(SIZES), tuple(DIRECTIONS)
+    # one host copy of each attribute table (indexing tensors element by element costs ~10 us a call)
+    present, shape, colour, direction = (t.tolist() for t in (scene.present_bo, scene.shape_bo, scene.colour_bo,
+                                                               scene.direction_bo))
+    size_word = scene.size_word_bo.tolist() if with_size else None
     prompts = []
     for b in range(scene.batch):
         parts = []
-        for o in range(scene.shape_bo.shape[1]):
-            if not bool(scene.present_bo[b, o]):
+        for o in range(len(shape[b])):
+            if not present[b][o]:
                 continue
-            size = f"{sizes[int(scene.size_word_bo[b, o])]} " if with_size else ""
-            parts.append(f"a {size}{COLOUR_NAMES[int(scene.colour_bo[b, o])]} "
-                         f"{SHAPES[int(scene.shape_bo[b, o])]} moving {directions[int(scene.direction_bo[b, o])]}")
+            size = f"{sizes[size_word[b][o]]} " if with_size else ""
+            parts.append(f"a {size}{COLOUR_NAMES[colour[b][o]]} {SHAPES[shape[b][o]]} moving {directions[direction[b][o]]}")
         prompts.append(" and ".join(parts))
     return prompts
 
@@ -178,7 +181,7 @@ def write_prompts(path: str | Path, prompts: list[str] | list[dict]) -> None:
 class WorldTextEncoder:
     """Frozen seeded text encoder over VOCABULARY (see module doc).
 
-    encode(prompts) -> TextEmbeddings, float32 on `device`:
+    encode(prompts) -> TextEmbeddings, float32 on `device` (= embed(*token_ids(prompts))):
         embeds_bld [B, L, text_embed_dim], mask_bl [B, L] int64,
         embeds_2_bld [B, L, text_embed_2_dim], mask_2_bl [B, L] int64, L = longest prompt + 1.
     Deterministic: the tables depend only on (seed, widths).
@@ -205,7 +208,9 @@ class WorldTextEncoder:
         parse_prompt(prompt)  # grammar check with a clear error
         return [0] + [self._index[w] for w in prompt.strip().lower().split()]
 
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of B prompts, int64 [B, L] on the CPU, L = longest prompt + 1 (the
+        grammar is checked). The host half of `encode`: data-loading workers can run it."""
         if isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of str")
         ids = [self.tokens(p) for p in prompts]
@@ -215,11 +220,19 @@ class WorldTextEncoder:
         for b, row in enumerate(ids):
             ids_bl[b, :len(row)] = torch.tensor(row)
             mask_bl[b, :len(row)] = 1
+        return ids_bl, mask_bl
+
+    def embed(self, ids_bl: torch.Tensor, mask_bl: torch.Tensor) -> TextEmbeddings:
+        """TextEmbeddings on `device` from `token_ids`' output (the device half of `encode`)."""
         ids_bl, mask_bl = ids_bl.to(self.device), mask_bl.to(self.device)
+        L = ids_bl.shape[1]
         m = mask_bl[..., None].float()
         e1 = (self.word_1[ids_bl] + self.pos_1[:L][None]) * m  # padding rows are zero (and masked)
         e2 = (self.word_2[ids_bl] + self.pos_2[:L][None]) * m
         return TextEmbeddings(e1, mask_bl, e2, mask_bl.clone())
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        return self.embed(*self.token_ids(prompts))
 
     def conditioning(self, prompts: list[str], negative: bool = True) -> Conditioning:
         """Conditioning for B prompts; `negative` adds the empty prompt (CFG) for every row."""

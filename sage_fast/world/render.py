@@ -119,6 +119,10 @@ class Scene:
         pick = (lambda t: None if t is None else t[index])
         return Scene(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
+    def to(self, device) -> "Scene":
+        """The same scenes with every tensor on `device`."""
+        return Scene(*(None if t is None else t.to(device) for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+
 
 def _scale(height: int, width: int) -> float:
     return min(height, width) / 32.0

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Pretrain the synthetic world's base model on a lent GPU, in one device call (issue 5).
+#
+# Why: on the 2-core CPU box the base model's sample MQ grows by ~0.06 per doubling of the videos
+# it has seen (docs/LOG.md), 0.25-0.29 after 45 minutes, against a target of ~0.77 (80% of a
+# clean render's): by that trend the target needs a few hundred times the CPU run's videos,
+# minutes of work for one GPU. Nothing here has run on a GPU yet: the script smoke-tests the
+# CUDA path for a few seconds first and stops with its error if that fails.
+#
+# From this machine, with the device tool's `run` (carry [".whl"]: the diffusers and
+# importlib_metadata wheels the device lacks; the device README shows the `pip download` line):
+#   bash bench/gpu_pretrain_world.sh "$OUT" 6          # minutes of training (default 6)
+# Back here (CPU): copy $OUT/base_model/* into a folder, then
+#   python -m sage_fast.world.evaluate --checkpoint <folder>     # the model card, ~1 min
+# and ship it into sage_fast/world/assets/base_model/ only if the card is inside the window.
+# Environment overrides: BATCH (512), LR (1e-3), LAYERS (6), HEADS (4), WORKERS (8); DEVICE (cuda)
+# and AUTOCAST (bfloat16) let the same lines run on a CPU as a check of the script itself:
+#   DEVICE=cpu AUTOCAST=none BATCH=4 LAYERS=1 WORKERS=1 THREADS=1 PY=.venv/bin/python bash bench/gpu_pretrain_world.sh /tmp/o 0.2
+# The checkpoint must come back as one file of at most 16 MiB (the device's limit): at
+# 4 heads x 32, 6 layers it is 7.75M parameters, 14.8 MiB in float16 (5 heads x 32 x 4 layers:
+# 15.5 MiB; 6 x 32 x 4 would not fit).
+set -uo pipefail
+OUT=${1:?usage: gpu_pretrain_world.sh OUT_DIR [MINUTES]}
+MIN=${2:-6}
+BATCH=${BATCH:-512}; LR=${LR:-1e-3}; LAYERS=${LAYERS:-6}; HEADS=${HEADS:-4}; WORKERS=${WORKERS:-8}
+DEVICE=${DEVICE:-cuda}; AUTOCAST=${AUTOCAST:-bfloat16}; THREADS=${THREADS:-4}; PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+if [ "$DEVICE" != cpu ] && compgen -G ".whl/*.whl" > /dev/null; then  # wheels carried for packages the device lacks
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "commit ${SAGE_FAST_COMMIT:-unknown}  minutes $MIN  batch $BATCH  lr $LR  layers $LAYERS  heads $HEADS"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+# pure Python install (the C++ op is not used by pretraining)
+if [ "$DEVICE" = cpu ]; then :  # the check of the script: the package is already installed here
+elif ! SAGE_FAST_NO_EXT=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; then
+  tail -20 "$OUT/install.log"; exit 1
+fi
+ARCH=(--heads "$HEADS" --head-dim 32 --layers "$LAYERS" --freeze-byt5-hidden --x0-weight-floor 0.3)
+GPU=(--device "$DEVICE" --autocast "$AUTOCAST" --batch "$BATCH" --workers "$WORKERS" --threads "$THREADS")
+# 1. smoke test of the CUDA path (a few seconds): errors show here, before the budget is spent
+if ! "$PY" -m sage_fast.world.pretrain "${GPU[@]}" "${ARCH[@]}" --steps 30 --warmup 10 --log-every 10 \
+    --skip-eval --out /tmp/smoke > "$OUT/smoke.log" 2>&1; then
+  tail -30 "$OUT/smoke.log"; exit 1
+fi
+tail -3 "$OUT/smoke.log"
+# 2. the run: cosine over the time budget, EMA checkpoint every minute (a killed call still
+#    leaves the last one in $OUT/base_model)
+"$PY" -m sage_fast.world.pretrain "${GPU[@]}" "${ARCH[@]}" --lr "$LR" --warmup 300 --steps 100000000 \
+  --lr-schedule time --time-budget-min "$MIN" --save-every-min 1 --log-every 250 --skip-eval \
+  --out "$OUT/base_model" 2>&1 | tee "$OUT/pretrain.log" | grep -E "pretrain:|step .*000 |budget|saved|Error|error"
+ls -la "$OUT/base_model"
