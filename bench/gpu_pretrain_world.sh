@@ -34,22 +34,40 @@ fi
   echo "commit ${SAGE_FAST_COMMIT:-unknown}  minutes $MIN  batch $BATCH  lr $LR  layers $LAYERS  heads $HEADS"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-# pure Python install (the C++ op is not used by pretraining)
+# pure Python install (the C++ op is not used by pretraining); its log stays in /tmp (8 files come back)
 if [ "$DEVICE" = cpu ]; then :  # the check of the script: the package is already installed here
-elif ! SAGE_FAST_NO_EXT=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; then
-  tail -20 "$OUT/install.log"; exit 1
+elif ! SAGE_FAST_NO_EXT=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/install.log 2>&1; then
+  tail -20 /tmp/install.log; exit 1
 fi
 ARCH=(--heads "$HEADS" --head-dim 32 --layers "$LAYERS" --freeze-byt5-hidden --x0-weight-floor 0.3)
-GPU=(--device "$DEVICE" --autocast "$AUTOCAST" --batch "$BATCH" --workers "$WORKERS" --threads "$THREADS")
-# 1. smoke test of the CUDA path (a few seconds): errors show here, before the budget is spent
-if ! "$PY" -m sage_fast.world.pretrain "${GPU[@]}" "${ARCH[@]}" --steps 30 --warmup 10 --log-every 10 \
-    --skip-eval --out /tmp/smoke > "$OUT/smoke.log" 2>&1; then
+# 1. does the device compute what the CPU does? (one batch's velocity, float32 and bf16 autocast)
+"$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast none --check-device --threads "$THREADS" 2>&1 | tee "$OUT/smoke.log"
+if ! "$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast "$AUTOCAST" --check-device --threads "$THREADS" \
+    >> "$OUT/smoke.log" 2>&1; then
   tail -30 "$OUT/smoke.log"; exit 1
 fi
+tail -1 "$OUT/smoke.log"
+# 2. smoke test of the training path (a few seconds; its last lines give ms a step): errors show
+#    here, before the budget is spent; if the data-loading workers are what fails, go on without
+smoke() {
+  "$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast "$AUTOCAST" --batch "$BATCH" --workers "$1" \
+    --threads "$THREADS" "${ARCH[@]}" --steps 60 --warmup 10 --log-every 20 --skip-eval --out /tmp/smoke >> "$OUT/smoke.log" 2>&1
+}
+if ! smoke "$WORKERS"; then
+  echo "smoke test with $WORKERS workers failed; again with 0"; tail -5 "$OUT/smoke.log"
+  WORKERS=0
+  if ! smoke 0; then tail -30 "$OUT/smoke.log"; exit 1; fi
+fi
 tail -3 "$OUT/smoke.log"
-# 2. the run: cosine over the time budget, EMA checkpoint every minute (a killed call still
+# 3. the run: cosine over the time budget, EMA checkpoint every minute (a killed call still
 #    leaves the last one in $OUT/base_model)
-"$PY" -m sage_fast.world.pretrain "${GPU[@]}" "${ARCH[@]}" --lr "$LR" --warmup 300 --steps 100000000 \
-  --lr-schedule time --time-budget-min "$MIN" --save-every-min 1 --log-every 250 --skip-eval \
-  --out "$OUT/base_model" 2>&1 | tee "$OUT/pretrain.log" | grep -E "pretrain:|step .*000 |budget|saved|Error|error"
+"$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast "$AUTOCAST" --batch "$BATCH" --workers "$WORKERS" \
+  --threads "$THREADS" "${ARCH[@]}" --lr "$LR" --warmup 300 --steps 100000000 --lr-schedule time \
+  --time-budget-min "$MIN" --save-every-min 1 --log-every 250 --skip-eval --out "$OUT/base_model" \
+  > "$OUT/pretrain.log" 2>&1 &
+pid=$!
+tail -f --pid=$pid "$OUT/pretrain.log" | grep --line-buffered -E "pretrain:|step .*000 |budget|saved|Error|error"
+wait $pid
+rc=$?
 ls -la "$OUT/base_model"
+exit $rc

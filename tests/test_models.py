@@ -317,6 +317,45 @@ def test_text_to_video_image_tokens_are_masked_out(tiny):
     assert (live - one).abs().max() > 1e-3  # non-zero image embeds do condition (i2v)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_batched_text_forward_equals_the_class_forward_bit_for_bit(tiny, checkpointing):
+    """`forward_batched_text` orders the text tokens for the whole batch at once (no per-sample
+    loop): velocity and every gradient equal the class's forward, bit for bit, for t2v with
+    per-sample padding (guided and not), i2v and all-zero image embeds (t2v by the class's rule)."""
+    latents, cond = _inputs(tiny.config, 3, seed=8)
+    t = torch.tensor([700.0, 300.0, 20.0])
+    g = torch.Generator().manual_seed(1)
+    dim = tiny.config.image_embed_dim
+    cases = ((cond, 3.0), (Conditioning(cond.prompt), 1.0),
+             (Conditioning(cond.prompt, cond.negative, image_embeds_bnd=torch.randn(3, 4, dim, generator=g)), 2.0),
+             (Conditioning(cond.prompt, cond.negative, image_embeds_bnd=torch.zeros(3, 2, dim)), 3.0))
+    for case, (c, scale) in enumerate(cases):
+        outs, grads = [], []
+        for batched in (False, True):
+            model = copy.deepcopy(tiny)
+            if checkpointing:
+                model.enable_gradient_checkpointing()
+            v = VelocityModel(model, autocast_dtype=None, batched_text=batched).velocity(latents, t, c, scale)
+            (v * latents).sum().backward()
+            outs.append(v.detach())
+            grads.append([(n, p.grad) for n, p in model.named_parameters()])
+        assert torch.equal(outs[0], outs[1]), case
+        for (name, a), (_, b) in zip(*grads):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (case, name)
+
+
+def test_order_text_tokens_puts_real_tokens_first_in_stream_order():
+    from sage_fast.models import order_text_tokens
+
+    a = torch.arange(1.0, 4.0).view(1, 3, 1).repeat(2, 1, 1)        # image stream, padding kept
+    b = 10 + torch.arange(1.0, 3.0).view(1, 2, 1).repeat(2, 1, 1)  # a stream whose padding is zeroed
+    ma = torch.tensor([[True, False, True], [False, False, False]])
+    mb = torch.tensor([[False, True], [True, True]])
+    tokens, mask = order_text_tokens([(a, ma, False), (b, mb, True)])
+    assert tokens[..., 0].tolist() == [[1, 3, 12, 2, 0], [11, 12, 1, 2, 3]]
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+
+
 def test_sample_prediction_velocity_is_derived_from_x0_and_travels_with_the_checkpoint(tiny, tmp_path):
     """x-prediction: v = (x - x0_hat) / max(sigma, SAMPLE_SIGMA_MIN), guided on the raw outputs;
     the mode is saved in config.json and read back; bad or mismatched modes are ValueErrors."""

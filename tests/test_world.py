@@ -361,6 +361,17 @@ def test_pretrain_workers_and_frozen_byt5_layers(tmp_path):
             main(["--out", str(tmp_path / "bad"), "--device", "cuda", *common])
 
 
+def test_check_device_compares_the_training_path_with_the_cpu_reference(capsys):
+    """--check-device: the batched-text training forward on the same CPU in float32 is the class's
+    forward exactly; bf16 autocast moves it by about a percent, inside its tolerance."""
+    from sage_fast.world.pretrain import CHECK_TOLERANCE, check_device, main
+
+    assert check_device("cpu", "none", batch=4) == 0.0
+    assert 1e-4 < check_device("cpu", "bfloat16", batch=4) < CHECK_TOLERANCE["bfloat16"]
+    main(["--check-device", "--threads", "1"])
+    assert "ok" in capsys.readouterr().out
+
+
 def test_condition_dropout_on_token_ids_equals_encoding_the_empty_prompt():
     from sage_fast.world.pretrain import drop_prompts
 

@@ -55,7 +55,8 @@ def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
         raise FileNotFoundError(f"{path} is not a world checkpoint: no world.json")
     world = json.loads(world_path.read_text())
     transformer = load_transformer(path, device=device).eval().requires_grad_(False)
-    model = VelocityModel(transformer, autocast_dtype=None)
+    # a plain module: the batched text order gives the class's output bit for bit, without its per-sample loop
+    model = VelocityModel(transformer, autocast_dtype=None, batched_text=True)
     encoder = WorldTextEncoder.for_model(transformer.config, seed=world["text_encoder_seed"], device=device)
     return model, encoder, world
 

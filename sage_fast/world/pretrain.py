@@ -53,7 +53,7 @@ from . import codec
 from .prompts import WorldTextEncoder, describe_scenes
 from .render import FRAMES, HEIGHT, WIDTH, render, sample_scenes
 
-__all__ = ["DEFAULT_OUT", "StepData", "drop_prompts", "freeze_byt5_hidden_", "loss_weights", "model_overrides", "main", "save_checkpoint"]
+__all__ = ["CHECK_TOLERANCE", "DEFAULT_OUT", "StepData", "check_device", "drop_prompts", "freeze_byt5_hidden_", "loss_weights", "model_overrides", "main", "save_checkpoint"]
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "base_model"
 
@@ -169,6 +169,9 @@ def parse_args(argv=None):
                         "time is not known in advance; the run then depends on its speed)")
     p.add_argument("--save-every-min", type=float, default=0.0,
                    help="also write the EMA checkpoint every this many minutes (0: only at the end)")
+    p.add_argument("--check-device", action="store_true",
+                   help="only compare one batch's velocity on --device under --autocast with the CPU's float32 "
+                        "(relative difference; exit 1 above CHECK_TOLERANCE) and stop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-budget-min", type=float, default=40.0,
                    help="stop early (and say so in the log) if training exceeds this many minutes")
@@ -227,12 +230,20 @@ def _as_is(item):
 
 
 def _batches(data: StepData, first: int, steps: int, workers: int):
-    """Steps first..steps-1 of `data`, in order, built here (workers = 0) or by worker processes."""
+    """Steps first..steps-1 of `data`, in order, built here (workers = 0) or by worker processes
+    (started here: call before CUDA is initialised, so the workers fork from a process without it)."""
     if workers == 0:
         return (data[i] for i in range(first, steps))
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(first, steps), num_workers=workers,
                                          collate_fn=_as_is, prefetch_factor=4, persistent_workers=False)
     return iter(loader)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a host sync on a GPU (through pinned memory, non-blocking)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def drop_prompts(ids_bl: torch.Tensor, mask_bl: torch.Tensor, drop_b: torch.Tensor):
@@ -258,6 +269,36 @@ def _progress_lr(args, step: int, elapsed_s: float) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+#: largest relative velocity difference `check_device` accepts, by autocast dtype
+CHECK_TOLERANCE = {"none": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+
+
+def check_device(device: str, autocast: str = "none", batch: int = 16, seed: int = 0) -> float:
+    """||v_device - v_cpu|| / ||v_cpu||: one batch of world velocities (random-init model of the
+    shipped shape, world prompts with some dropped, sigma in [0.2, 1], CFG 3) computed by the
+    training path on `device` under `autocast` (batched text order) against the class's own
+    forward in float32 on the CPU. A quick check that a machine computes what the CPU does."""
+    cfg = VelocityModelConfig(architecture="tiny", finetune="full", autocast_dtype="none", attention_backend="sdpa",
+                              architecture_overrides=model_overrides(4, 32, 3, 2.0), prediction="sample")
+    ref = build_velocity_model(cfg, seed=seed).eval()
+    scene = sample_scenes(batch, seed)
+    prompts = ["" if i % 3 == 0 else p for i, p in enumerate(describe_scenes(scene))]
+    g = torch.Generator().manual_seed(seed)
+    x0 = codec.encode(render(scene))
+    sigma = 0.2 + 0.8 * torch.rand(batch, generator=g)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+    encoder = WorldTextEncoder.for_model(ref.transformer.config)
+    with torch.no_grad():
+        v_ref = ref.velocity(xt, 1000.0 * sigma, encoder.conditioning(prompts), cfg_scale=3.0)
+        model = copy.deepcopy(ref).to(device)
+        model.autocast_dtype, model.batched_text = AUTOCAST_DTYPES[autocast], True
+        encoder_dev = WorldTextEncoder.for_model(ref.transformer.config, device=device)
+        v = model.velocity(xt.to(device), (1000.0 * sigma).to(device), encoder_dev.conditioning(prompts),
+                           cfg_scale=3.0).cpu()
+    return float((v - v_ref).norm() / v_ref.norm())
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -279,12 +320,18 @@ def train(args) -> dict:
         cfg = VelocityModelConfig(checkpoint=str(args.init_from), finetune="full", autocast_dtype=args.autocast,
                                   attention_backend="sdpa", prediction=args.prediction)
     model = build_velocity_model(cfg, seed=args.seed)
+    # the class's forward orders the text tokens in a per-sample loop (a host sync per sample and
+    # mask on a GPU); the batched equivalent gives the same output bit for bit (tests/test_models.py)
+    model.batched_text = True
     if args.init_from is not None:
         overrides = {k: model.transformer.config[k] for k in overrides}
     elif args.init == "adaln_zero":
         adaln_zero_init_(model.transformer)
     if args.freeze_byt5_hidden:
         freeze_byt5_hidden_(model.transformer)
+    # token ids are built on the host (here or in workers, which start before the model is moved)
+    batches = _batches(StepData(args, WorldTextEncoder.for_model(model.transformer.config)), 0, args.steps,
+                       args.workers)
     model.to(device).train()
     ema = copy.deepcopy(model.transformer).requires_grad_(False)
     encoder = WorldTextEncoder.for_model(model.transformer.config, device=device)
@@ -301,6 +348,7 @@ def train(args) -> dict:
     log_path = out / "train_log.jsonl"
     log_f = log_path.open("w")
     t0 = last_save = time.time()
+    last_log_s = 0.0
     running, n_run, stopped_early, step = torch.zeros((), device=device), 0, False, 0
     print(f"pretrain: {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trained), {args.steps} steps x batch "
           f"{args.batch}, {_device_name(device)}, threads {args.threads}, workers {args.workers}, out {out}", flush=True)
@@ -323,17 +371,18 @@ def train(args) -> dict:
             "command": "python -m sage_fast.world.pretrain " + " ".join(shlex.quote(a) for a in args.argv),
         }
 
-    batches = _batches(StepData(args, encoder), 0, args.steps, args.workers)
     for step in range(args.steps):
         scene, ids_bl, mask_bl = next(batches)
         drop = torch.rand(args.batch, generator=g) < args.cond_dropout
-        text = encoder.embed(*drop_prompts(ids_bl, mask_bl, drop))
-        x0 = codec.encode(render(scene.to(device), frames=args.frames), args.patch, args.temporal)  # [B, 3 p^2 tau, T, H/p, W/p]
+        text = encoder.embed(*(_to_device(t, device) for t in drop_prompts(ids_bl, mask_bl, drop)))
+        if device.type != "cpu":
+            scene = scene.pin_memory().to(device, non_blocking=True)
+        x0 = codec.encode(render(scene, frames=args.frames), args.patch, args.temporal)  # [B, 3 p^2 tau, T, H/p, W/p]
         x1 = torch.randn(x0.shape, generator=g_noise, device=device)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g))
         uniform = torch.rand(args.batch, generator=g) < args.uniform_frac
         sigma = torch.where(uniform, torch.rand(args.batch, generator=g), sigma)
-        sigma = shift_sigma(sigma, args.sigma_shift).to(device)
+        sigma = _to_device(shift_sigma(sigma, args.sigma_shift), device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * x1
         for group in opt.param_groups:
@@ -363,7 +412,9 @@ def train(args) -> dict:
                                          f"checkpoint in {out} (if any) is intact")
             log_f.write(json.dumps(row) + "\n")
             log_f.flush()
-            print(f"step {step + 1:5d}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {elapsed / 60:.1f} min", flush=True)
+            print(f"step {step + 1:5d}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {elapsed / 60:.1f} min  "
+                  f"{1000 * (row['elapsed_s'] - last_log_s) / n_run:.1f} ms/step", flush=True)
+            last_log_s = row["elapsed_s"]
             running, n_run = torch.zeros((), device=device), 0
             if args.save_every_min > 0 and time.time() - last_save > 60 * args.save_every_min:
                 save_checkpoint(ema, out, world_json(step + 1, time.time() - t0, finished=False))
@@ -382,6 +433,17 @@ def train(args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.check_device:
+        torch.set_num_threads(args.threads)
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda needs a CUDA build of torch and a visible GPU; allowed here: cpu")
+        rel = check_device(args.device, args.autocast)
+        ok = rel <= CHECK_TOLERANCE[args.autocast]
+        print(f"check-device {args.device} autocast {args.autocast}: relative velocity difference vs CPU float32 "
+              f"{rel:.2e} (tolerance {CHECK_TOLERANCE[args.autocast]:.0e}): {'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            sys.exit(1)
+        return
     train(args)
     if not args.skip_eval:
         from .evaluate import write_model_card  # noqa: PLC0415

@@ -119,9 +119,16 @@ class Scene:
         pick = (lambda t: None if t is None else t[index])
         return Scene(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
-    def to(self, device) -> "Scene":
+    def _map(self, fn) -> "Scene":
+        return Scene(*(None if t is None else fn(t) for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+
+    def to(self, device, non_blocking: bool = False) -> "Scene":
         """The same scenes with every tensor on `device`."""
-        return Scene(*(None if t is None else t.to(device) for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Scene":
+        """The same scenes in pinned host memory (for non-blocking copies to a GPU)."""
+        return self._map(lambda t: t.pin_memory())
 
 
 def _scale(height: int, width: int) -> float:
