@@ -29,7 +29,16 @@ Writes to `--out` (default `sage_fast/world/assets/base_model`):
 and then runs the evaluation (`evaluate.py`), which writes MODEL_CARD.md and its pictures.
 
 Determinism: model init, data, noise and dropout all come from `--seed`; the run is repeatable
-on the same machine and thread count (CPU kernels may differ in the last bits elsewhere).
+on the same machine and thread count (CPU kernels may differ in the last bits elsewhere), with
+or without data-loading workers (`--workers`). `--lr-schedule time` ties the cosine to the
+clock, so such a run depends on the machine's speed.
+
+On a GPU (`--device cuda --autocast bfloat16`; `bench/gpu_pretrain_world.sh` runs it in one
+device call): scenes and token ids are built on the host (by `--workers` processes), rendering,
+noise (a CUDA generator: not the CPU's numbers) and the model run on the device, host draws
+arrive through pinned memory without a sync, and the forward orders the text tokens without
+the class's per-sample loop (`sage_fast.models.forward_batched_text`). `--check-device` compares
+one batch's velocity there with the CPU's float32 first.
 """
 
 from __future__ import annotations
