@@ -1,6 +1,7 @@
 """The synthetic world: renderer, codec, prompts and encoder, rewards, manifold distance, pretraining."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -370,6 +371,25 @@ def test_check_device_compares_the_training_path_with_the_cpu_reference(capsys):
     assert 1e-4 < check_device("cpu", "bfloat16", batch=4) < CHECK_TOLERANCE["bfloat16"]
     main(["--check-device", "--threads", "1"])
     assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_pretrain_on_cuda_runs_and_computes_what_the_cpu_does(tmp_path):
+    """The GPU path of pretraining (bench/gpu_pretrain_world.sh): velocities within tolerance of
+    the CPU's float32 (float32 and bf16 autocast), and a few steps with workers write a checkpoint."""
+    from sage_fast.models import load_transformer
+    from sage_fast.world.pretrain import CHECK_TOLERANCE, check_device, main
+
+    for autocast in ("none", "bfloat16"):
+        assert check_device("cuda", autocast) <= CHECK_TOLERANCE[autocast], autocast
+    out = tmp_path / "cuda"
+    main(["--out", str(out), "--device", "cuda", "--autocast", "bfloat16", "--workers", "2", "--steps", "6",
+          "--batch", "16", "--heads", "2", "--head-dim", "16", "--layers", "1", "--log-every", "3", "--skip-eval",
+          "--freeze-byt5-hidden"])
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((out / "world.json").read_text())["train"]["device"] != "cpu"
+    assert load_transformer(out).config.num_layers == 1
 
 
 def test_condition_dropout_on_token_ids_equals_encoding_the_empty_prompt():
