@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Pretrain the synthetic world's base model on a lent GPU, in one device call (issue 5).
 #
-# Why: on the 2-core CPU box the base model's sample MQ grows by ~0.06 per doubling of the videos
-# it has seen (docs/LOG.md), 0.25-0.29 after 45 minutes, against a target of ~0.77 (80% of a
-# clean render's): by that trend the target needs a few hundred times the CPU run's videos,
-# minutes of work for one GPU. Nothing here has run on a GPU yet: the script smoke-tests the
-# CUDA path for a few seconds first and stops with its error if that fails.
+# Why: on the 2-core CPU box the base model's sample MQ grows with the training compute and the
+# batch (docs/LOG.md): 0.25 at batch 8 after 41 minutes, 0.44 at batch 32 after 44, against a
+# target of ~0.77 (80% of a clean render's). A GPU sees tens of times the videos in minutes, at
+# a larger batch. Nothing here has run on a GPU yet: the script checks the device against the
+# CPU and smoke-tests the CUDA path for a few seconds first, and stops with its error if either fails.
 #
 # From this machine, with the device tool's `run` (carry [".whl"]: the diffusers and
 # importlib_metadata wheels the device lacks; the device README shows the `pip download` line):
@@ -13,7 +13,7 @@
 # Back here (CPU): copy $OUT/base_model/* into a folder, then
 #   python -m sage_fast.world.evaluate --checkpoint <folder>     # the model card, ~1 min
 # and ship it into sage_fast/world/assets/base_model/ only if the card is inside the window.
-# Environment overrides: BATCH (512), LR (1e-3), LAYERS (6), HEADS (4), WORKERS (8); DEVICE (cuda)
+# Environment overrides: BATCH (512), LR (2e-3), LAYERS (6), HEADS (4), WORKERS (8); DEVICE (cuda)
 # and AUTOCAST (bfloat16) let the same lines run on a CPU as a check of the script itself:
 #   DEVICE=cpu AUTOCAST=none BATCH=4 LAYERS=1 WORKERS=1 THREADS=1 PY=.venv/bin/python bash bench/gpu_pretrain_world.sh /tmp/o 0.2
 # The checkpoint must come back as one file of at most 16 MiB (the device's limit): at
@@ -22,7 +22,7 @@
 set -uo pipefail
 OUT=${1:?usage: gpu_pretrain_world.sh OUT_DIR [MINUTES]}
 MIN=${2:-6}
-BATCH=${BATCH:-512}; LR=${LR:-1e-3}; LAYERS=${LAYERS:-6}; HEADS=${HEADS:-4}; WORKERS=${WORKERS:-8}
+BATCH=${BATCH:-512}; LR=${LR:-2e-3}; LAYERS=${LAYERS:-6}; HEADS=${HEADS:-4}; WORKERS=${WORKERS:-8}
 DEVICE=${DEVICE:-cuda}; AUTOCAST=${AUTOCAST:-bfloat16}; THREADS=${THREADS:-4}; PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 if [ "$DEVICE" != cpu ] && compgen -G ".whl/*.whl" > /dev/null; then  # wheels carried for packages the device lacks
