@@ -41,7 +41,11 @@ elif ! SAGE_FAST_NO_EXT=1 python3 -m pip install -q --no-build-isolation --no-de
 fi
 ARCH=(--heads "$HEADS" --head-dim 32 --layers "$LAYERS" --freeze-byt5-hidden --x0-weight-floor 0.3)
 # 1. does the device compute what the CPU does? (one batch's velocity, float32 and bf16 autocast)
-"$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast none --check-device --threads "$THREADS" 2>&1 | tee "$OUT/smoke.log"
+if ! "$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast none --check-device --threads "$THREADS" \
+    > "$OUT/smoke.log" 2>&1; then
+  tail -30 "$OUT/smoke.log"; exit 1
+fi
+tail -1 "$OUT/smoke.log"
 if ! "$PY" -m sage_fast.world.pretrain --device "$DEVICE" --autocast "$AUTOCAST" --check-device --threads "$THREADS" \
     >> "$OUT/smoke.log" 2>&1; then
   tail -30 "$OUT/smoke.log"; exit 1

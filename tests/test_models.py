@@ -344,6 +344,19 @@ def test_batched_text_forward_equals_the_class_forward_bit_for_bit(tiny, checkpo
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (case, name)
 
 
+def test_batched_text_forward_equal_under_bf16_autocast_and_with_spatial_patches():
+    """The same equality (bit for bit) under bf16 autocast, and with patch 2 (the output reshape)."""
+    patched = build_transformer("tiny", seed=1, patch_size=2)
+    install_attention(patched, "sdpa")
+    for model, latent, autocast in ((build_transformer("tiny", seed=0), LATENT, torch.bfloat16),
+                                    (patched, (3, 4, 6), None)):
+        latents, cond = _inputs(model.config, 2, seed=9, latent=latent)
+        t = torch.tensor([400.0, 60.0])
+        outs = [VelocityModel(model, autocast_dtype=autocast, batched_text=b).velocity(latents, t, cond, 3.0)
+                for b in (False, True)]
+        assert torch.equal(outs[0], outs[1]), (latent, autocast)
+
+
 def test_order_text_tokens_puts_real_tokens_first_in_stream_order():
     from sage_fast.models import order_text_tokens
 
@@ -354,6 +367,8 @@ def test_order_text_tokens_puts_real_tokens_first_in_stream_order():
     tokens, mask = order_text_tokens([(a, ma, False), (b, mb, True)])
     assert tokens[..., 0].tolist() == [[1, 3, 12, 2, 0], [11, 12, 1, 2, 3]]
     assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+    with pytest.raises(ValueError, match="stream 1 mask must be bool"):
+        order_text_tokens([(a, ma, False), (b, mb.long(), True)])
 
 
 def test_sample_prediction_velocity_is_derived_from_x0_and_travels_with_the_checkpoint(tiny, tmp_path):

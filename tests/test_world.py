@@ -323,7 +323,7 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     assert load_transformer(more).config.num_attention_heads == 2
 
 
-def test_pretrain_workers_and_frozen_byt5_layers(tmp_path):
+def test_pretrain_workers_and_frozen_byt5_layers(tmp_path, monkeypatch):
     """Data-loading workers hand the loop the batches it would build itself (same weights, bit for
     bit); --freeze-byt5-hidden leaves exactly the ByT5 projection's hidden layers untouched; the
     time-based schedule and the periodic checkpoint write what they say."""
@@ -339,8 +339,15 @@ def test_pretrain_workers_and_frozen_byt5_layers(tmp_path):
     a, b = (load_file(str(tmp_path / d / "diffusion_pytorch_model.safetensors")) for d in ("w0", "w2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    import sage_fast.world.pretrain as pretrain
+
+    saves = []
+    real_save = pretrain.save_checkpoint
+    monkeypatch.setattr(pretrain, "save_checkpoint", lambda *a: (saves.append(a[2]["train"]["finished"]), real_save(*a)))
     main(["--out", str(tmp_path / "fz"), "--freeze-byt5-hidden", "--lr-schedule", "time", "--save-every-min", "1e-9",
           *common])
+    assert saves == [False, False, True]  # at the two logged steps (every 2 of 4), then the final one
+    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
     init = build_transformer("tiny", seed=0, **model_overrides(2, 16, 1, 2.0)).state_dict()
     trained = load_file(str(tmp_path / "fz" / "diffusion_pytorch_model.safetensors"))
     frozen = {k for k in trained if k.startswith(("context_embedder_2.norm", "context_embedder_2.linear_1",
@@ -353,8 +360,9 @@ def test_pretrain_workers_and_frozen_byt5_layers(tmp_path):
     tr = world["train"]
     assert tr["freeze_byt5_hidden"] and tr["lr_schedule"] == "time" and tr["finished"] and tr["device"] == "cpu"
     assert tr["trained_parameters"] < tr["parameters"] - 4_000_000
-    for bad, match in ((["--device", "tpu"], "--device must be cpu or cuda"), (["--workers", "-1"], "--workers"),
-                       (["--time-budget-min", "0"], "--time-budget-min")):
+    for bad, match in ((["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+                       (["--device", "cudax"], "--device must be cpu, cuda or cuda:N"), (["--workers", "-1"], "--workers"),
+                       (["--time-budget-min", "0"], "--time-budget-min"), (["--save-every-min", "-1"], "--save-every-min")):
         with pytest.raises(ValueError, match=match):
             main(["--out", str(tmp_path / "bad"), *bad])
     if not torch.cuda.is_available():
@@ -390,6 +398,18 @@ def test_pretrain_on_cuda_runs_and_computes_what_the_cpu_does(tmp_path):
     assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
     assert json.loads((out / "world.json").read_text())["train"]["device"] != "cpu"
     assert load_transformer(out).config.num_layers == 1
+
+
+def test_time_based_lr_schedule_warms_up_by_step_then_follows_the_clock():
+    from sage_fast.world.pretrain import _progress_lr, parse_args
+
+    args = parse_args(["--lr-schedule", "time", "--time-budget-min", "10", "--warmup", "4", "--lr", "1e-3"])
+    assert _progress_lr(args, 0, 500.0) == pytest.approx(2.5e-4)  # warm-up counts steps, not time
+    assert _progress_lr(args, 10, 0.0) == pytest.approx(1e-3)
+    assert _progress_lr(args, 10, 300.0) == pytest.approx(0.55e-3)  # half the budget: halfway down the cosine
+    assert _progress_lr(args, 10, 600.0) == pytest.approx(1e-4) == _progress_lr(args, 10, 900.0)
+    with pytest.raises(SystemExit):
+        parse_args(["--autocast", "float16"])
 
 
 def test_condition_dropout_on_token_ids_equals_encoding_the_empty_prompt():

@@ -249,6 +249,10 @@ def order_text_tokens(streams: list[tuple[torch.Tensor, torch.Tensor, bool]]) ->
     (tokens [B, sum L_i, D], mask [B, sum L_i] bool). A stable sort on "is padding" gives exactly
     the order of diffusers' per-sample loop, which costs a host sync per sample and mask on a
     GPU (12 per sample: ~6,000 a forward at batch 512)."""
+    for i, (t, m, _) in enumerate(streams):
+        if m.dtype != torch.bool or m.shape != t.shape[:2]:
+            raise ValueError(f"order_text_tokens: stream {i} mask must be bool of shape {tuple(t.shape[:2])}, "
+                             f"got {m.dtype} {tuple(m.shape)}")
     tokens = torch.cat([t for t, _, _ in streams], dim=1)
     mask = torch.cat([m for _, m, _ in streams], dim=1)
     keep = torch.cat([m | (not zero) for _, m, zero in streams], dim=1)

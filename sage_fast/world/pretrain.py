@@ -47,6 +47,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -168,8 +169,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu",
                    help="where to train: cpu (the shipped recipe) or cuda (render, noise and model on the GPU; the "
                         "noise then comes from a CUDA generator, so runs differ from the CPU's)")
-    p.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="none",
-                   help="forward compute dtype under autocast: none (float32), bfloat16 (GPU; slower on the CPU box)")
+    p.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
+                   help="forward compute dtype under autocast: none (float32), bfloat16 (GPU; slower on the CPU box); "
+                        "no float16 (it would need loss scaling)")
     p.add_argument("--workers", type=int, default=0,
                    help="data-loading worker processes for scenes, prompts and token ids (0: in the main process); "
                         "the batches are the same either way")
@@ -189,8 +191,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=64)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.save_every_min < 0:
+        raise ValueError(f"--save-every-min must be >= 0 (0: only at the end), got {args.save_every_min}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not args.time_budget_min > 0:
@@ -279,7 +283,7 @@ def _progress_lr(args, step: int, elapsed_s: float) -> float:
 
 
 #: largest relative velocity difference `check_device` accepts, by autocast dtype
-CHECK_TOLERANCE = {"none": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+CHECK_TOLERANCE = {"none": 1e-3, "bfloat16": 5e-2}
 
 
 def check_device(device: str, autocast: str = "none", batch: int = 16, seed: int = 0) -> float:
@@ -358,7 +362,8 @@ def train(args) -> dict:
     log_f = log_path.open("w")
     t0 = last_save = time.time()
     last_log_s = 0.0
-    running, n_run, stopped_early, step = torch.zeros((), device=device), 0, False, 0
+    # float64 sum of the float32 losses: the same logged means as summing loss.item() on the host
+    running, n_run, stopped_early, step = torch.zeros((), dtype=torch.float64, device=device), 0, False, 0
     print(f"pretrain: {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trained), {args.steps} steps x batch "
           f"{args.batch}, {_device_name(device)}, threads {args.threads}, workers {args.workers}, out {out}", flush=True)
 
@@ -424,7 +429,7 @@ def train(args) -> dict:
             print(f"step {step + 1:5d}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {elapsed / 60:.1f} min  "
                   f"{1000 * (row['elapsed_s'] - last_log_s) / n_run:.1f} ms/step", flush=True)
             last_log_s = row["elapsed_s"]
-            running, n_run = torch.zeros((), device=device), 0
+            running, n_run = torch.zeros((), dtype=torch.float64, device=device), 0
             if args.save_every_min > 0 and time.time() - last_save > 60 * args.save_every_min:
                 save_checkpoint(ema, out, world_json(step + 1, time.time() - t0, finished=False))
                 last_save = time.time()
