@@ -341,8 +341,7 @@ def _loss_line(tr: dict) -> str:
 
 def _machine_line(tr: dict) -> str:
     device = tr.get("device", "cpu")
-    where = f"{tr['threads']} CPU threads" if device == "cpu" else f"{device} ({tr.get('autocast', 'none')} autocast)"
-    return where
+    return f"{tr['threads']} CPU threads" if device == "cpu" else f"{device} ({tr.get('autocast', 'none')} autocast)"
 
 
 def _frozen_line(tr: dict) -> str:

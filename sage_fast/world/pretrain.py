@@ -193,6 +193,8 @@ def parse_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA build of torch and a visible GPU; allowed here: cpu")
     if args.save_every_min < 0:
         raise ValueError(f"--save-every-min must be >= 0 (0: only at the end), got {args.save_every_min}")
     if args.workers < 0:
@@ -321,8 +323,6 @@ def _device_name(device: torch.device) -> str:
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA build of torch and a visible GPU; allowed here: cpu")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     overrides = model_overrides(args.heads, args.head_dim, args.layers, args.mlp_ratio, args.patch, args.temporal)
@@ -449,8 +449,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.check_device:
         torch.set_num_threads(args.threads)
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda needs a CUDA build of torch and a visible GPU; allowed here: cpu")
         rel = check_device(args.device, args.autocast)
         ok = rel <= CHECK_TOLERANCE[args.autocast]
         print(f"check-device {args.device} autocast {args.autocast}: relative velocity difference vs CPU float32 "
