@@ -1,4 +1,5 @@
-"""What a person looks at: sample videos (GIF, MP4) and the end-of-run plot.
+"""What a person looks at: sample videos (GIF, MP4), the end-of-run plot, the before / after
+comparison, and the run's verdict (a paired test over the evaluation prompts).
 
 Owns file naming under the run folder: every name written from a prompt goes through
 `safe_name`, and `run_path` refuses any path that would land outside the run folder, so a
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "run_path", "video_frames", "save_gif", "save_mp4", "plot_history", "learning_summary"]
+__all__ = ["safe_name", "run_path", "video_frames", "save_gif", "save_mp4", "plot_history", "save_compare",
+           "learning_summary"]
 
 log = logging.getLogger("sage_fast.report")
 
@@ -34,11 +36,16 @@ def run_path(run_dir: str | Path, *parts: str) -> Path:
     return path
 
 
-def video_frames(video_bcfhw: torch.Tensor, scale: int = 4) -> list[np.ndarray]:
-    """[B, 3, F, H, W] in [-1, 1] -> F uint8 RGB frames of the B videos side by side, upscaled."""
+def video_frames(video_bcfhw: torch.Tensor, scale: int = 4, columns: int = 16) -> list[np.ndarray]:
+    """[B, 3, F, H, W] in [-1, 1] -> F uint8 RGB frames of the B videos in a grid (`columns` a
+    row, side by side when B <= columns), upscaled."""
     v = ((video_bcfhw.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     b, _, f, h, w = v.shape
-    grid = v.permute(2, 3, 0, 4, 1).reshape(f, h, b * w, 3)  # [F, H, B*W, 3]
+    cols = min(b, columns)
+    rows = -(-b // cols)
+    if rows * cols > b:  # pad the last row with black videos
+        v = torch.cat([v, v.new_zeros((rows * cols - b,) + tuple(v.shape[1:]))])
+    grid = v.view(rows, cols, 3, f, h, w).permute(3, 0, 4, 1, 5, 2).reshape(f, rows * h, cols * w, 3)
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     return [frame.numpy() for frame in grid]
 
@@ -70,8 +77,32 @@ def save_mp4(video_bcfhw: torch.Tensor, path: Path, fps: int = 4) -> Path | None
     return path
 
 
+def _paired(history: list[dict], key: str) -> tuple[list[int], list[float], list[float]] | None:
+    """(iterations, mean paired difference vs the first evaluation, its standard error) of `key`
+    from the evaluations' per-prompt values; None when they are missing."""
+    rows = [h for h in history if key in h.get("per_prompt", {})]
+    if not rows:
+        return None
+    first = torch.tensor(rows[0]["per_prompt"][key], dtype=torch.float64)
+    its, means, ses = [], [], []
+    for h in rows:
+        now = torch.tensor(h["per_prompt"][key], dtype=torch.float64)
+        if now.shape != first.shape:
+            continue
+        d = now - first
+        d = d[torch.isfinite(d)]
+        if d.numel() == 0:
+            continue
+        its.append(int(h["iteration"]))
+        means.append(float(d.mean()))
+        ses.append(float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("nan"))
+    return its, means, ses
+
+
 def plot_history(history: list[dict], path: Path) -> Path | None:
-    """PNG of the evaluation reward dimensions and the manifold distance over iterations."""
+    """PNG of the evaluations: for each reward dimension (and the manifold distance) the paired
+    change against the first evaluation, mean over the evaluation prompts with a +-1 standard
+    error band; evaluations without per-prompt values are drawn as plain means."""
     if not history:
         return None
     import matplotlib  # noqa: PLC0415
@@ -85,15 +116,34 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     reward_keys = sorted(k for k in keys if k.startswith("eval/") and k != "eval/manifold_distance")
     has_dist = "eval/manifold_distance" in keys
     fig, axes = plt.subplots(1, 2 if has_dist else 1, figsize=(11 if has_dist else 6, 4), squeeze=False)
-    for key in reward_keys:
-        axes[0, 0].plot(its, [h.get(key, float("nan")) for h in history], marker="o", label=key.split("/", 1)[1])
-    axes[0, 0].set(xlabel="iteration", ylabel="evaluation reward", title="reward dimensions (fixed prompts, ODE)")
-    axes[0, 0].legend()
+    n_prompts = max((len(v) for h in history for v in h.get("per_prompt", {}).values()), default=0)
+
+    def draw(ax, key, **style):
+        paired = _paired(history, key)
+        name = key.split("/", 1)[1]
+        if paired is None:
+            ax.plot(its, [h.get(key, float("nan")) for h in history], marker="o", label=name, **style)
+            return False
+        x, m, se = paired
+        first = next(h[key] for h in history if key in h)
+        line, = ax.plot(x, m, marker="o", label=f"{name} (first {first:.3f})", **style)
+        lo = [a - b for a, b in zip(m, se)]
+        hi = [a + b for a, b in zip(m, se)]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        return True
+
+    paired_any = [draw(axes[0, 0], key) for key in reward_keys]
+    what = f"paired change vs first, +-1 SE over {n_prompts} prompts" if any(paired_any) else "evaluation reward"
+    axes[0, 0].axhline(0.0, color="grey", lw=0.8)
+    axes[0, 0].set(xlabel="iteration", ylabel=what, title="reward dimensions (held-out prompts, ODE)")
+    axes[0, 0].legend(fontsize=8)
     axes[0, 0].grid(alpha=0.3)
     if has_dist:
-        axes[0, 1].plot(its, [h.get("eval/manifold_distance", float("nan")) for h in history], marker="o",
-                        color="tab:red")
-        axes[0, 1].set(xlabel="iteration", ylabel="distance to best re-rendering", title="manifold distance")
+        paired = draw(axes[0, 1], "eval/manifold_distance", color="tab:red")
+        axes[0, 1].axhline(0.0, color="grey", lw=0.8)
+        axes[0, 1].set(xlabel="iteration", ylabel=what if paired else "distance to best re-rendering",
+                       title="manifold distance (lower: closer to the data)")
+        axes[0, 1].legend(fontsize=8)
         axes[0, 1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -101,23 +151,91 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def learning_summary(history: list[dict], key: str = "eval/reward", guard: str = "eval/vq") -> dict:
-    """Did the run learn? The mean of the last 3 evaluations against the first one.
+def save_compare(before_bcfhw: torch.Tensor, after_bcfhw: torch.Tensor, prompts: list[str], path: Path, *,
+                 rows: int = 8, before_label: str = "before", after_label: str = "after",
+                 scores: tuple[list[float], list[float]] | None = None) -> Path:
+    """PNG: one row per prompt (the first `rows`), its frames before | after, the prompt above.
+    `scores`: optional (before, after) per-prompt rewards written into the row titles."""
+    import matplotlib  # noqa: PLC0415
 
-    rise = mean(last 3) - first; spread = max - min of the last 3; `learned` when rise > spread.
-    guard_drift = relative change of `guard` (visual quality) from the first evaluation to the
-    mean of the last 3: alignment must not be bought with broken frames.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    if before_bcfhw.shape != after_bcfhw.shape:
+        raise ValueError(f"before and after videos must have one shape, got {tuple(before_bcfhw.shape)} and "
+                         f"{tuple(after_bcfhw.shape)}")
+    n = min(rows, before_bcfhw.shape[0], len(prompts))
+    if n < 1:
+        raise ValueError("save_compare needs at least one video and prompt")
+
+    def strip(v):  # [3, F, H, W] -> [H, F*W + gaps, 3] uint8
+        u = ((v.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        f, h, w, _ = u.shape
+        gap = torch.full((h, 1, 3), 255, dtype=torch.uint8)
+        return torch.cat([torch.cat([u[i], gap], 1) for i in range(f)], 1)
+
+    fig, axes = plt.subplots(n, 2, figsize=(2 * 0.45 * before_bcfhw.shape[2] + 1, 1.25 * n), squeeze=False)
+    for r in range(n):
+        for c, (video, label) in enumerate(((before_bcfhw, before_label), (after_bcfhw, after_label))):
+            ax = axes[r, c]
+            ax.imshow(strip(video[r]).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = label if scores is None else f"{label}: reward {scores[c][r]:.3f}"
+            ax.set_title(title, fontsize=7, loc="left")
+        axes[r, 0].annotate(prompts[r], xy=(0, 1.32), xycoords="axes fraction", fontsize=8, fontweight="bold",
+                            annotation_clip=False)
+    fig.tight_layout(h_pad=1.6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_summary(history: list[dict], key: str = "eval/reward", guards: tuple[str, ...] = ("eval/vq", "eval/mq"),
+                     z_learned: float = 5.0, z_guard: float = 2.0) -> dict:
+    """Did the run learn? A paired test, last evaluation against the first, over the same
+    held-out prompts and initial noise (the evaluations' per-prompt values).
+
+    For every evaluated dimension (the reward, its parts, the manifold distance): first and last
+    means, the per-prompt difference d = last - first (mean, standard error, z = mean / SE).
+    Verdict: `learned` when the trained reward rises by >= `z_learned` SE and no guard (visual
+    and motion quality) falls by more than `z_guard` SE. Without per-prompt values (a history
+    from an older run) there is no verdict.
     """
-    values = [h[key] for h in history if key in h]
-    if len(values) < 4:
-        return {"evaluations": len(values)}
-    last = values[-3:]
-    rise = sum(last) / 3 - values[0]
-    spread = max(last) - min(last)
-    out = {"evaluations": len(values), "first": values[0], "last3_mean": sum(last) / 3, "rise": rise,
-           "last3_spread": spread, "learned": rise > spread}
-    guards = [h[guard] for h in history if guard in h]
-    if len(guards) >= 4 and guards[0] != 0:
-        out["guard"] = guard
-        out["guard_drift"] = (sum(guards[-3:]) / 3 - guards[0]) / abs(guards[0])
+    rows = [h for h in history if key in h.get("per_prompt", {})]
+    out: dict = {"evaluations": len(history)}
+    if len(rows) < 2:
+        out.update({"learned": None, "why": "fewer than two evaluations with per-prompt values"})
+        return out
+    first, last = rows[0], rows[-1]
+    dims = {}
+    for k in sorted(set(first["per_prompt"]) & set(last["per_prompt"])):
+        a = torch.tensor(first["per_prompt"][k], dtype=torch.float64)
+        b = torch.tensor(last["per_prompt"][k], dtype=torch.float64)
+        if a.shape != b.shape:
+            continue
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        d = (b - a)[ok]
+        n = int(d.numel())
+        se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+        mean = float(d.mean()) if n else float("nan")
+        dims[k] = {"first": float(a[ok].mean()) if n else float("nan"), "last": float(b[ok].mean()) if n else float("nan"),
+                   "diff": mean, "se": se, "z": mean / se if se > 0 else float("nan"), "prompts": n}
+    out.update({"first_iteration": int(first["iteration"]), "last_iteration": int(last["iteration"]),
+                "prompts": dims.get(key, {}).get("prompts", 0), "trained": key, "dimensions": dims,
+                "rule": f"{key} rises by >= {z_learned} paired SE and no guard {list(guards)} falls by more than "
+                        f"{z_guard} paired SE (last vs first evaluation)"})
+    trained = dims.get(key)
+    if trained is None or not trained["se"] == trained["se"]:
+        out.update({"learned": False, "why": f"no paired values of {key}"})
+        return out
+    fails = []
+    if not trained["z"] >= z_learned:
+        fails.append(f"{key} z = {trained['z']:.2f} < {z_learned}")
+    for g in guards:
+        if g in dims and dims[g]["z"] < -z_guard:
+            fails.append(f"guard {g} z = {dims[g]['z']:.2f} < -{z_guard}")
+    out["learned"] = not fails
+    out["why"] = "; ".join(fails) if fails else (f"{key} +{trained['diff']:.4f} +- {trained['se']:.4f} "
+                                                  f"(z = {trained['z']:.1f}), guards held")
     return out

@@ -165,6 +165,9 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             save_gif(trainer.last_eval_video, run_path(out, "samples", stem + ".gif"))
             save_mp4(trainer.last_eval_video, run_path(out, "samples", stem + ".mp4"))
             (folder / "prompts.txt").write_text("".join(p + "\n" for p in trainer.task.eval_prompts))
+        if len(trainer.history) == 1:  # the run's first evaluation: kept for samples/compare.png
+            run_path(out, "samples").mkdir(exist_ok=True)
+            torch.save(_quantize(trainer.last_eval_video), run_path(out, "samples", "first_eval.pt"))
 
     progress = None
     if rank == 0:
@@ -198,13 +201,41 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
         writer.close()
     if rank == 0:
         plot = plot_history(trainer.history, run_path(out, "summary.png"))
-        # the visual-quality guard where the task has one (the world's VQ, VideoAlign's vq)
-        learned = learning_summary(trainer.history, guard="eval/vq")
+        # paired test, last vs first evaluation; guards: the visual and motion quality where the
+        # task has them (the world's VQ / MQ, VideoAlign's vq / mq)
+        learned = learning_summary(trainer.history)
+        compare = _compare(trainer, out)
         (out / "summary.json").write_text(json.dumps({"learning": learned, "history": trainer.history,
-                                                      "plot": str(plot)}, indent=1))
-        log.info("done: %s; evaluation reward %s", out,
-                 ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in learned.items()))
+                                                      "plot": str(plot), "compare": compare}, indent=1))
+        for key, d in learned.get("dimensions", {}).items():
+            log.info("%s: %.4f -> %.4f, paired difference %+.4f +- %.4f (z %.1f, %d prompts)", key, d["first"],
+                     d["last"], d["diff"], d["se"], d["z"], d["prompts"])
+        log.info("done: %s; learned %s (%s)", out, learned.get("learned"), learned.get("why"))
     return 0
+
+
+def _quantize(video_bcfhw: torch.Tensor) -> torch.Tensor:
+    """Videos in [-1, 1] as uint8 (what the GIFs show), a quarter of the float32 size."""
+    return ((video_bcfhw.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _compare(trainer, out: Path) -> str | None:
+    """samples/compare.png: the first and the last evaluation's samples of the same prompts and noise."""
+    from sage_fast.report import run_path, save_compare  # noqa: PLC0415
+
+    first_path = run_path(out, "samples", "first_eval.pt")
+    if len(trainer.history) < 2 or not first_path.exists() or getattr(trainer, "last_eval_video", None) is None:
+        return None
+    before = torch.load(first_path).float() / 127.5 - 1
+    after = _quantize(trainer.last_eval_video).float() / 127.5 - 1
+    first, last = trainer.history[0], trainer.history[-1]
+    scores = None
+    if "eval/reward" in first.get("per_prompt", {}) and "eval/reward" in last.get("per_prompt", {}):
+        scores = (first["per_prompt"]["eval/reward"], last["per_prompt"]["eval/reward"])
+    path = save_compare(before, after, trainer.task.eval_prompts, run_path(out, "samples", "compare.png"),
+                        before_label=f"iteration {first['iteration']}", after_label=f"iteration {last['iteration']}",
+                        scores=scores)
+    return str(path)
 
 
 if __name__ == "__main__":

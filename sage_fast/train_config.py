@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sage_fast.config import recipe
+from sage_fast.grpo.advantages import STD_SCOPES
 from sage_fast.grpo.equalizer import EQUALIZER_MODES
 from sage_fast.grpo.kl_schedule import BETA_SCHEDULES
 from sage_fast.grpo.loss import KL_MODES
@@ -30,12 +31,13 @@ from sage_fast.grpo.rollout import SamplerConfig
 from sage_fast.models import VelocityModelConfig
 
 __all__ = ["RunConfig", "TaskConfig", "WorldConfig", "VideoConfig", "GRPOConfig", "OptimConfig", "DistConfig",
-           "TrainConfig", "REF_SOURCES", "DP_STRATEGIES", "TASK_KINDS", "PIPELINE_DTYPES", "tiny_world_checkpoint",
+           "TrainConfig", "REF_SOURCES", "GROUP_NOISE", "DP_STRATEGIES", "TASK_KINDS", "PIPELINE_DTYPES", "tiny_world_checkpoint",
            "check_paths"]
 
 REF_SOURCES = ("training_phase", "rollout_phase")
 DP_STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2")
 TASK_KINDS = ("world", "hunyuanvideo15")
+GROUP_NOISE = ("independent", "shared")
 PIPELINE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -191,6 +193,10 @@ class GRPOConfig:
     """PPO ratio clip eps (1e-4: log-probs are means over ~1e6 elements, SPEC section 5)."""
     adv_clip: float = 5.0
     """|advantage| bound."""
+    adv_std: str = "group"
+    """Advantage denominator: 'group' (each group's std, the authors'), 'batch' (pooled within-group std of the global batch) or 'none'."""
+    group_noise: str = "independent"
+    """Initial noise: 'independent' (each sample its own) or 'shared' (a group's samples start from one noise; with an SDE window after step 0 they share the ODE prefix and branch at the window)."""
     equalizer: str = "analytic"
     """Temporal gradient equalizer: 'analytic' (authors), 'empirical' (measured norms) or 'none'."""
     equalizer_clamp: tuple[float, float] | None = None
@@ -228,6 +234,10 @@ class GRPOConfig:
                              f"{self.group_size}")
         if not self.clip_range > 0 or not self.adv_clip > 0:
             raise ValueError(f"grpo.clip_range and grpo.adv_clip must be > 0, got {self.clip_range}, {self.adv_clip}")
+        if self.adv_std not in STD_SCOPES:
+            raise ValueError(f"grpo.adv_std must be one of {STD_SCOPES}, got {self.adv_std!r}")
+        if self.group_noise not in GROUP_NOISE:
+            raise ValueError(f"grpo.group_noise must be one of {GROUP_NOISE}, got {self.group_noise!r}")
         if self.equalizer not in EQUALIZER_MODES:
             raise ValueError(f"grpo.equalizer must be one of {EQUALIZER_MODES}, got {self.equalizer!r}")
         if self.kl_mode not in KL_MODES:

@@ -216,10 +216,11 @@ class Trainer:
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
         return torch.cat(parts)
 
-    def step(self) -> dict:
+    def rollout(self, it: int, timer: PhaseTimer | None = None):
+        """The data of iteration `it`: (trajectory, conditioning, reward, advantages) of this rank's
+        samples, under the current policy (prompts, rollout, decode, reward, advantages)."""
         cfg, g = self.cfg, self.cfg.grpo
-        it = self.iteration
-        timer = PhaseTimer(self.device)
+        timer = timer or PhaseTimer(self.device)
         b_local, G = g.samples_per_rank, g.group_size
         with timer("rollout"):
             prompts = self.prompts_for(it)
@@ -228,15 +229,25 @@ class Trainer:
             group_ids = torch.tensor([(first + b) // G for b in range(b_local)], dtype=torch.int64)
             cond = self.task.conditioning(local_prompts)
             shape = (b_local,) + tuple(self.task.latent_shape)
+            # shared: every sample starts from its group's first member's initial noise
+            noise_index = [(first + b) // G * G for b in range(b_local)] if g.group_noise == "shared" else None
             traj = self.engine.sample(cond, shape, seed=epoch_seed(cfg.run.seed, it), first_sample=first,
-                                      total_samples=b_local * self.dp_size, device=self.device)
+                                      total_samples=b_local * self.dp_size, device=self.device,
+                                      noise_index=noise_index)
         with timer("decode"):
             video = self.task.decode(traj.final)
         with timer("reward"):
             reward = self.task.reward(video, local_prompts)
         with timer("advantages"):
-            adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip,
+            adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip, std_scope=g.adv_std,
                                    process_group=self.dp_group if self.dp_size > 1 else None)
+        return traj, cond, reward, adv
+
+    def step(self) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        it = self.iteration
+        timer = PhaseTimer(self.device)
+        traj, cond, reward, adv = self.rollout(it, timer)
         if float(self._all_reduce(adv.valid_b.sum().to(torch.float64).reshape(1))) == 0:
             # no sample of the global batch has a finite reward: nothing to learn from, and an
             # optimizer step on zero gradients would still move Adam's momentum
@@ -430,9 +441,14 @@ class Trainer:
         reward = self.task.reward(video, prompts)
         out = {"iteration": self.iteration, "eval/reward": float(reward.total_b.nanmean())}
         out.update({f"eval/{k}": float(v.nanmean()) for k, v in reward.scores.items()})
+        # per prompt (the same prompts and noise every time): the paired verdict reads these
+        per_prompt = {"eval/reward": reward.total_b}
+        per_prompt.update({f"eval/{k}": v for k, v in reward.scores.items()})
         dist_m = self.task.manifold_distance(video)
         if dist_m is not None:
             out["eval/manifold_distance"] = float(dist_m.float().mean())
+            per_prompt["eval/manifold_distance"] = dist_m
+        out["per_prompt"] = {k: [float(x) for x in v.detach().float().cpu()] for k, v in per_prompt.items()}
         self.history.append(out)
         self.last_eval_video = video
         return out

@@ -48,6 +48,26 @@ def test_failed_rewards_are_excluded_not_zeroed():
     assert torch.allclose(out.adv_b[6:], torch.tensor([-1.0, 1.0]))
 
 
+def test_advantage_std_scopes_by_hand():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    # residuals -1, 1, -2, 2: pooled within-group std sqrt((1 + 1 + 4 + 4) / 4)
+    pooled = math.sqrt(2.5)
+    batch = group_advantages(rewards, groups, std_scope="batch")
+    assert torch.allclose(batch.adv_b, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / pooled)
+    assert torch.allclose(batch.group_std_b, torch.full((4,), pooled))
+    none = group_advantages(rewards, groups, std_scope="none")
+    assert torch.allclose(none.adv_b, torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    group = group_advantages(rewards, groups)  # the default: each group's own std
+    assert torch.allclose(group.adv_b, torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    # a failed reward and a one-member group stay out of the pooled std
+    odd = group_advantages(torch.tensor([1.0, 3.0, float("nan"), 14.0, 7.0]), torch.tensor([0, 0, 1, 1, 2]),
+                           std_scope="batch")
+    assert torch.allclose(odd.adv_b, torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="std_scope must be one of"):
+        group_advantages(rewards, groups, std_scope="global")
+
+
 def test_advantages_are_clamped_and_validated():
     rewards = torch.tensor([0.0] * 99 + [1.0])
     out = group_advantages(rewards, torch.zeros(100, dtype=torch.int64), clip=5.0)

@@ -159,6 +159,8 @@ def test_a_batch_without_any_finite_reward_skips_the_update_and_counts(tmp_path,
     (["grpo.train_steps=9"], "exceeds the 4 steps of the SDE window"),
     (["model.architecture_overrides={}", "model.checkpoint=/nonexistent/tiny_world"], "does not exist"),
     (["dist.sp=3"], "dist.sp"),
+    (["grpo.adv_std=global"], "grpo.adv_std must be one of"),
+    (["grpo.group_noise=same"], "grpo.group_noise must be one of"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, override, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -267,17 +269,59 @@ def test_cli_on_two_ranks_evaluates_on_every_rank_under_fsdp2_and_sp(tmp_path):
     assert [r["iteration"] for r in rows if r.get("kind") == "eval"] == [0, 1, 2]
 
 
-def test_learning_summary():
+def _hist(*rows):
+    return [{"iteration": i, "eval/reward": sum(r) / len(r), "per_prompt": {"eval/reward": list(r), "eval/vq": list(q),
+                                                                          "eval/mq": list(q)}}
+            for i, (r, q) in enumerate(rows)]
+
+
+def test_learning_summary_is_a_paired_test():
     from sage_fast.report import learning_summary
 
-    hist = [{"eval/reward": r, "eval/vq": q} for r, q in ((0.30, 0.9), (0.32, 0.9), (0.40, 0.88), (0.41, 0.9),
-                                                          (0.42, 0.86))]
-    out = learning_summary(hist)
-    assert out["learned"] and abs(out["rise"] - 0.11) < 1e-9 and abs(out["last3_spread"] - 0.02) < 1e-9
-    assert abs(out["guard_drift"] - (0.88 - 0.9) / 0.9) < 1e-9
-    flat = [{"eval/reward": r} for r in (0.3, 0.2, 0.4, 0.3, 0.35)]
-    assert not learning_summary(flat)["learned"]
-    assert learning_summary(flat[:2]) == {"evaluations": 2}
+    base = [0.1 * i for i in range(16)]
+    same_q = [0.9] * 16
+    rise = learning_summary(_hist((base, same_q), ([b + 0.05 + 0.001 * (i % 3) for i, b in enumerate(base)], same_q)))
+    d = rise["dimensions"]["eval/reward"]
+    assert rise["learned"] and d["prompts"] == 16 and abs(d["diff"] - (0.05 + 0.001 * 15 / 16)) < 1e-9
+    assert d["z"] > 5
+    # the same mean rise, but as noise across prompts: not significant
+    noisy = learning_summary(_hist((base, same_q), ([b + (0.6 if i % 2 else -0.5) for i, b in enumerate(base)],
+                                                     same_q)))
+    assert not noisy["learned"] and "z =" in noisy["why"]
+    # a rise bought with visual quality: the guard fails
+    broken = learning_summary(_hist((base, same_q), ([b + 0.05 + 0.001 * (i % 3) for i, b in enumerate(base)],
+                                                      [0.8 + 0.001 * (i % 3) for i in range(16)])))
+    assert not broken["learned"] and "guard eval/vq" in broken["why"]
+    # a failed (NaN) prompt drops out of the pairs
+    nan = learning_summary(_hist((base, same_q), ([float("nan")] + [b + 0.05 for b in base[1:]], same_q)))
+    assert nan["dimensions"]["eval/reward"]["prompts"] == 15
+    assert learning_summary(_hist((base, same_q)))["learned"] is None
+
+
+def test_plot_and_compare_pictures(tmp_path):
+    from sage_fast.report import plot_history, save_compare
+
+    hist = _hist(([0.1, 0.2, 0.3], [0.9] * 3), ([0.2, 0.2, 0.5], [0.8] * 3))
+    assert plot_history(hist, tmp_path / "s.png").stat().st_size > 0
+    video = torch.rand(3, 3, 5, 8, 8) * 2 - 1
+    path = save_compare(video, -video, ["a red square moving left"] * 3, tmp_path / "c.png", scores=([1, 2, 3], [3, 2, 1]))
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="one shape"):
+        save_compare(video, video[:2], ["p"] * 3, tmp_path / "d.png")
+
+
+def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "grpo.group_noise=shared", "grpo.adv_std=batch"))
+    traj, _, reward, adv = trainer.rollout(0)
+    x0, final = traj.latents[0], traj.final
+    G = trainer.cfg.grpo.group_size
+    own = trainer.engine.initial_noise(x0.shape, traj.seed, 0, x0.shape[0], "cpu")
+    for b in range(x0.shape[0]):
+        assert torch.equal(x0[b], own[b // G * G])  # the group's first member's noise
+    assert not torch.equal(final[0], final[1])  # the SDE steps' noise is each sample's own
+    independent = Trainer(tiny_cfg(tmp_path / "i")).rollout(0)[0]
+    assert torch.equal(independent.latents[0], own) and not torch.equal(independent.latents[0][1], own[0])
+    assert torch.isfinite(adv.adv_b).all()
 
 
 def test_deepspeed_strategy_errors_name_the_field(monkeypatch):

@@ -4,7 +4,12 @@ Owns: turning per-sample rewards into advantages
 
     A_i = clamp((r_i - mean_G r) / max(std_G r, eps), -clip, clip)     (population std)
 
-where G is the sample's group (the G rollouts of one prompt). Groups may span ranks: every
+where G is the sample's group (the G rollouts of one prompt). `std_scope` chooses the
+denominator: "group" (above, the authors'), "batch" (one pooled within-group std over the
+whole global batch, sqrt(mean_i (r_i - mean_G(i) r)^2): groups of 4 estimate their std from 3
+degrees of freedom, a noisy scale; flow_grpo's `global_std` idea, on residuals so that reward
+differences between prompts do not shrink it) or "none" (A_i = r_i - mean_G r, Dr. GRPO).
+Groups may span ranks: every
 rank gathers the rewards and group ids of the data-parallel group, computes the statistics
 of every group in one fixed order, and keeps its own samples, so all ranks agree bitwise and
 a 2-rank run equals 1 rank with the same global batch.
@@ -24,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Advantages", "group_advantages"]
+__all__ = ["Advantages", "group_advantages", "STD_SCOPES"]
+
+STD_SCOPES = ("group", "batch", "none")
 
 
 @dataclass
@@ -44,7 +51,7 @@ def _gather(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def group_advantages(rewards_b: torch.Tensor, group_ids_b: torch.Tensor, *, clip: float = 5.0,
-                     eps: float = 1e-6, process_group=None) -> Advantages:
+                     eps: float = 1e-6, process_group=None, std_scope: str = "group") -> Advantages:
     """Advantages of this rank's samples.
 
     Args:
@@ -55,7 +62,10 @@ def group_advantages(rewards_b: torch.Tensor, group_ids_b: torch.Tensor, *, clip
         eps: floor of the std (a group whose rewards are all equal gets A = 0).
         process_group: the data-parallel group to gather over, or None for no gathering (also
             when torch.distributed is not initialised). Every rank must pass the same B.
+        std_scope: "group", "batch" or "none" (module doc).
     """
+    if std_scope not in STD_SCOPES:
+        raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
     if rewards_b.dim() != 1 or group_ids_b.shape != rewards_b.shape:
         raise ValueError(f"rewards_b and group_ids_b must be [B] of equal shape, got {tuple(rewards_b.shape)} "
                          f"and {tuple(group_ids_b.shape)}")
@@ -85,6 +95,12 @@ def group_advantages(rewards_b: torch.Tensor, group_ids_b: torch.Tensor, *, clip
     var = (member * (r - mean.view(-1, 1)) ** 2).sum(1) / count.clamp(min=1)
     std = var.sqrt()
     mean_n, std_n, count_n = mean[inverse], std[inverse], count[inverse]
+    if std_scope != "group":
+        # residuals of the samples that are trained with a nonzero advantage (groups of >= 2)
+        used = valid & (count_n >= 2)
+        resid = torch.where(used, all_rewards - mean_n, torch.zeros_like(all_rewards))
+        pooled = (resid.pow(2).sum() / used.sum().clamp(min=1)).sqrt()
+        std_n = torch.full_like(std_n, float(pooled) if std_scope == "batch" else 1.0)
     adv = (all_rewards - mean_n) / std_n.clamp(min=eps)
     adv = torch.where(valid & (count_n >= 2), adv.clamp(-clip, clip), torch.zeros_like(adv))
 

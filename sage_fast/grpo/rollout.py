@@ -18,7 +18,11 @@ element d of global sample g at step t (t = N for the initial noise) sits at cou
 so the rollout of a sample depends only on (base seed, epoch, its global index), never on its
 neighbours: 2 ranks of B samples draw exactly the noise of 1 rank of 2B. Every prompt's G
 samples are distinct global indices, so they explore differently (the authors' seeds repeated
-across prompts and epochs: SPEC defect 6).
+across prompts and epochs: SPEC defect 6). `noise_index` may point a sample's *initial* noise
+at another global index (the trainer's `grpo.group_noise=shared`: every sample of a group
+starts from its first member's noise, DanceGRPO's same-noise groups); the SDE steps' noise
+always stays the sample's own. With shared initial noise and an SDE window that starts after
+step 0, the samples of a group run the same ODE prefix and branch at the window.
 
 CUDA graphs: on CUDA (`cuda_graph=True`, the default) the step body, policy forward plus the
 fused step, is captured once per rollout into a graph with static buffers and replayed N
@@ -130,17 +134,29 @@ class RolloutEngine:
             rows.append(torch.stack([a, b, c]))
         return torch.stack(rows)
 
-    def initial_noise(self, shape, seed: int, first_sample: int, total_samples: int, device) -> torch.Tensor:
+    def initial_noise(self, shape, seed: int, first_sample: int, total_samples: int, device,
+                      noise_index=None) -> torch.Tensor:
+        """x_0 of samples [first_sample, first_sample + B); with `noise_index` ([B] global indices in
+        [0, total_samples)) sample b draws the initial noise of global sample noise_index[b]."""
         per_sample = int(torch.Size(shape[1:]).numel())
-        offset = (self.cfg.num_steps * total_samples + first_sample) * per_sample
-        return philox_normal(int(torch.Size(shape).numel()), seed, offset, device).view(shape).to(self.latent_dtype)
+        base = self.cfg.num_steps * total_samples
+        if noise_index is None:
+            offset = (base + first_sample) * per_sample
+            return philox_normal(int(torch.Size(shape).numel()), seed, offset, device).view(shape).to(self.latent_dtype)
+        index = [int(i) for i in noise_index]
+        if len(index) != shape[0] or not all(0 <= i < total_samples for i in index):
+            raise ValueError(f"noise_index must hold {shape[0]} global sample indices in [0, {total_samples}), "
+                             f"got {index}")
+        drawn = {i: philox_normal(per_sample, seed, (base + i) * per_sample, device) for i in sorted(set(index))}
+        return torch.stack([drawn[i] for i in index]).view(shape).to(self.latent_dtype)
 
     @torch.no_grad()
     def sample(self, conditioning, shape, *, seed: int, first_sample: int = 0, total_samples: int | None = None,
-               device="cpu") -> Trajectory:
+               device="cpu", noise_index=None) -> Trajectory:
         """Roll out B = shape[0] samples with global indices [first_sample, first_sample + B).
 
         total_samples: the global number of samples of this rollout (all ranks); default B.
+        noise_index: [B] global indices whose initial noise each sample starts from (default: its own).
         """
         batch = shape[0]
         total = batch if total_samples is None else total_samples
@@ -151,7 +167,7 @@ class RolloutEngine:
         coef = self.coefficients(batch)
         coef_dev = coef.to(device=device, dtype=torch.float32)
         latents = torch.empty((n + 1,) + tuple(shape), dtype=self.latent_dtype, device=device)
-        latents[0] = self.initial_noise(shape, seed, first_sample, total, device)
+        latents[0] = self.initial_noise(shape, seed, first_sample, total, device, noise_index)
         logp = torch.zeros(n, batch, dtype=torch.float32, device=device)
         rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
         timesteps = (1000.0 * self.sigmas[:-1]).to(torch.float32).view(-1, 1).expand(n, batch).contiguous().to(device)
