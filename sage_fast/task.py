@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RewardResult", "WorldTask", "HunyuanVideo15Task", "build_task"]
+__all__ = ["RewardResult", "held_out_prompts", "WorldTask", "HunyuanVideo15Task", "build_task"]
 
 log = logging.getLogger("sage_fast.task")
 
@@ -37,6 +37,22 @@ def _failed_reward(batch: int, err: Exception) -> RewardResult:
     """The whole batch's reward failed: NaN rows (excluded from the advantages) and the error."""
     log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
     return RewardResult(total_b=torch.full((batch,), float("nan")), scores={}, error=f"{type(err).__name__}: {err}")
+
+
+def held_out_prompts(n: int, exclude: set[str], *, seed: int, two_object_prob: float) -> list[str]:
+    """n distinct prompts of the world's grammar, none of them in `exclude` (the training prompts),
+    deterministic for `seed`: the first n new ones in the order `sample_prompts(seed)` draws them."""
+    from sage_fast.world import prompts  # noqa: PLC0415
+
+    draw = 4 * n
+    for _ in range(8):
+        candidates, _ = prompts.sample_prompts(draw, seed=seed, two_object_prob=two_object_prob)
+        out = list(dict.fromkeys(p for p in candidates if p not in exclude))[:n]
+        if len(out) == n:
+            return out
+        draw *= 4
+    raise ValueError(f"world.num_eval_prompts={n}: the grammar gives only {len(out)} prompts outside the "
+                     f"{len(exclude)} training prompts; ask for fewer evaluation or training prompts")
 
 
 class WorldTask:
@@ -55,8 +71,8 @@ class WorldTask:
         else:
             self.train_prompts, _ = prompts.sample_prompts(world_cfg.num_train_prompts, seed=world_cfg.prompt_seed,
                                                            two_object_prob=world_cfg.two_object_prob)
-        self.eval_prompts, _ = prompts.sample_prompts(world_cfg.num_eval_prompts, seed=world_cfg.prompt_seed + 1,
-                                                      two_object_prob=world_cfg.two_object_prob)
+        self.eval_prompts = held_out_prompts(world_cfg.num_eval_prompts, set(self.train_prompts),
+                                             seed=world_cfg.prompt_seed + 1, two_object_prob=world_cfg.two_object_prob)
         if not self.train_prompts:
             raise ValueError("world: no training prompts")
         self.encoder = prompts.WorldTextEncoder.for_model(transformer_config, seed=world_cfg.text_seed, device=device)
@@ -136,8 +152,17 @@ class HunyuanVideo15Task:
             self.eval_prompts = [r["prompt"] for r in read_prompts(video_cfg.eval_prompt_file, grammar=False)]
             if not self.eval_prompts:
                 raise ValueError(f"video.eval_prompt_file={video_cfg.eval_prompt_file!r} holds no prompts")
-        else:
+        else:  # held out: the first prompts evaluate and are not trained on
+            if len(self.train_prompts) <= video_cfg.num_eval_prompts:
+                raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds {len(self.train_prompts)} prompts: "
+                                 f"with no video.eval_prompt_file its first video.num_eval_prompts="
+                                 f"{video_cfg.num_eval_prompts} are held out for evaluation, leaving none to train on")
             self.eval_prompts = self.train_prompts[:video_cfg.num_eval_prompts]
+            self.train_prompts = self.train_prompts[video_cfg.num_eval_prompts:]
+        overlap = set(self.eval_prompts) & set(self.train_prompts)
+        if overlap:
+            log.warning("%d evaluation prompts are also training prompts (e.g. %r): the evaluation is not held out",
+                        len(overlap), sorted(overlap)[0])
         dtype = getattr(torch, video_cfg.dtype)
         self.decoder = VideoDecoder(video_cfg.pipeline, device=self.device, dtype=dtype, tiling=video_cfg.vae_tiling)
         self.latent_shape = self.decoder.latent_shape(video_cfg.frames, video_cfg.height, video_cfg.width)

@@ -99,7 +99,7 @@ class WorldConfig:
     num_train_prompts: int = 256
     """Prompts sampled from the grammar when no prompt file is given."""
     num_eval_prompts: int = 8
-    """Fixed evaluation prompts (sampled from the grammar with their own seed)."""
+    """Fixed evaluation prompts: distinct, held out (never training prompts), sampled from the grammar with their own seed."""
     two_object_prob: float = 0.5
     """Share of two-object compositions among sampled prompts."""
     prompt_seed: int = 1234
@@ -321,7 +321,7 @@ def tiny_world() -> TrainConfig:
         model=VelocityModelConfig(checkpoint=str(tiny_world_checkpoint()), finetune="lora", lora_rank=8,
                                   lora_alpha=8.0, autocast_dtype="none"),
         sampler=SamplerConfig(num_steps=10, shift=3.0, sde_type="sage_grpo", eta=0.5, cfg_scale=3.0),
-        world=WorldConfig(),
+        world=WorldConfig(num_eval_prompts=64),
         grpo=GRPOConfig(samples_per_rank=8, group_size=4, train_steps=4, micro_batch=8, clip_range=1e-3,
                         kl_mode="dual_moving", beta=0.01, update_ref_every=10),
         optim=OptimConfig(lr=3e-4),

@@ -310,6 +310,12 @@ def test_plot_and_compare_pictures(tmp_path):
         save_compare(video, video[:2], ["p"] * 3, tmp_path / "d.png")
 
 
+def test_world_evaluation_prompts_are_held_out(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "world.num_eval_prompts=64", "world.num_train_prompts=256"))
+    ev = trainer.task.eval_prompts
+    assert len(ev) == len(set(ev)) == 64 and not set(ev) & set(trainer.task.train_prompts)
+
+
 def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "grpo.group_noise=shared", "grpo.adv_std=batch"))
     traj, _, reward, adv = trainer.rollout(0)
