@@ -211,7 +211,22 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             log.info("%s: %.4f -> %.4f, paired difference %+.4f +- %.4f (z %.1f, %d prompts)", key, d["first"],
                      d["last"], d["diff"], d["se"], d["z"], d["prompts"])
         log.info("done: %s; learned %s (%s)", out, learned.get("learned"), learned.get("why"))
+        if cfg.run.export_final:
+            _export_final(trainer, out)
     return 0
+
+
+def _export_final(trainer, out: Path) -> None:
+    """<run>/final_model: the trained policy in the base model's format (sage_fast.export)."""
+    from sage_fast.export import export_policy  # noqa: PLC0415
+    from sage_fast.report import run_path  # noqa: PLC0415
+
+    if trainer.fsdp:  # sharded parameters: the last checkpoint holds the full tensors
+        log.info("final model: export it from the checkpoint with `python -m sage_fast.export %s %s/final_model`",
+                 out, out)
+        return
+    path = export_policy(trainer, run_path(out, "final_model"), overwrite=True)
+    log.info("final model: %s (load with sage_fast.world.load_base_model or diffusers' from_pretrained)", path)
 
 
 def _quantize(video_bcfhw: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,8 @@ class RunConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     threads: int = 0
     """torch CPU threads per process (0: torch's default)."""
+    export_final: bool = True
+    """At the end, export the trained policy to <run>/final_model (LoRA merged, plus the adapter; sage_fast.export)."""
 
     def __post_init__(self):
         _positive_int("run.steps", self.steps)

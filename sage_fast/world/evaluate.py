@@ -48,7 +48,7 @@ def codec_layout(world: dict) -> tuple[int, int]:
 
 def load_base_model(path: str | Path = DEFAULT_CHECKPOINT, device="cpu"):
     """(VelocityModel in float32 without autocast, WorldTextEncoder, world dict) of a checkpoint
-    folder written by `pretrain.py` (config.json, safetensors, world.json)."""
+    folder written by `pretrain.py` or by `sage_fast.export` (config.json, safetensors, world.json)."""
     path = Path(path)
     world_path = path / "world.json"
     if not world_path.exists():
@@ -226,7 +226,9 @@ def _prediction_line(config: dict) -> str:
 def write_model_card(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 64,
                      cfg_scales: tuple[float, ...] = (1.0, 3.0, 8.0)) -> dict:
     """Evaluate the checkpoint at `path` and write MODEL_CARD.md, eval.json, samples.png,
-    samples.gif and loss.png next to it. Returns the evaluation dict (without videos)."""
+    samples.gif and loss.png next to it. Returns the evaluation dict (without videos).
+    A policy exported from a GRPO run (`sage_fast.export`: export.json, no pretraining log)
+    gets the export card instead: the same evaluation, its provenance, no loss curve."""
     path = Path(path)
     t0 = time.time()
     result = evaluate_checkpoint(path, num_prompts, cfg_scales)
@@ -234,10 +236,13 @@ def write_model_card(path: str | Path = DEFAULT_CHECKPOINT, num_prompts: int = 6
     prompts = result["prompts"]
     save_grid(path / "samples.png", prompts, videos["render"], videos["sample"])
     save_gif(path / "samples.gif", videos["render"], videos["sample"])
+    (path / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    if (path / "export.json").exists():
+        (path / "MODEL_CARD.md").write_text(_export_card(path, result, num_prompts, time.time() - t0))
+        return result
     world = json.loads((path / "world.json").read_text())
     log_rows = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines() if line.strip()]
     save_loss_curve(path / "loss.png", log_rows)
-    (path / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     config = json.loads((path / "config.json").read_text())
     tr = world["train"]
     h = result["headroom"]
@@ -322,6 +327,62 @@ model's sample (right). The GIF plays all {world['frames']} frames (top: renders
 {_notes(path)}"""
     (path / "MODEL_CARD.md").write_text(text)
     return result
+
+
+def _export_card(path: Path, result: dict, num_prompts: int, seconds: float) -> str:
+    """MODEL_CARD.md of a policy exported from a GRPO run (export.json beside it): where it came
+    from, and the base model's evaluation protocol's numbers, next to the base model's own samples
+    when its eval.json was made with the same prompts and sampler."""
+    manifest = json.loads((path / "export.json").read_text())
+    base = manifest.get("base_checkpoint")
+    if manifest.get("finetune") == "lora":
+        lora = manifest.get("lora") or {}
+        how = (f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}, merged into the weights; the adapter "
+               f"alone in `{manifest.get('adapter')}/`, peft format")
+    else:
+        how = "full fine-tuning"
+    base_line = f"`{base}`" if base else f"a random init ({manifest.get('base_random_init')})"
+    s, r, n = result["sample"], result["render"], result["noise"]
+    rows = [_row("clean renders", r), _row("policy samples", s)]
+    base_eval = Path(base) / "eval.json" if base else None
+    if base_eval is not None and base_eval.is_file():
+        before = json.loads(base_eval.read_text())
+        if before.get("prompts") == result["prompts"] and before.get("sampling") == result["sampling"]:
+            rows.append(_row("base-model samples (its eval.json)", before["sample"]))
+    rows += [_row("pure noise", n), _row("policy samples, one object", s["one_object"]),
+             _row("policy samples, two objects", s["two_objects"])]
+    sweep = "\n".join(f"| {cfg} | {v['vq']:.3f} | {v['mq']:.3f} | {v['ta']:.3f} | {v['manifold']:.3f} |"
+                      for cfg, v in result["cfg_sweep"].items())
+    smp, h = result["sampling"], result["headroom"]
+    rows_text = "\n".join(rows)
+    return f"""# GRPO policy of the synthetic world
+
+Exported by `sage_fast.export` from run `{manifest.get('source_run')}` at iteration {manifest.get('iteration')}
+({how}); base model {base_line}; weights {manifest.get('dtype')}.
+Evaluated with the base model's protocol (`python -m sage_fast.world.evaluate`, {seconds:.0f} s):
+{num_prompts} prompts `sample_prompts({num_prompts}, {EVAL_SEED})`, Euler ODE, {smp['steps']} steps,
+shift {smp['shift']}, CFG {smp['cfg_scale']}, seed = row index.
+
+| videos | VQ | MQ | TA | manifold distance |
+|---|---|---|---|---|
+{rows_text}
+
+Samples / clean renders: VQ {h['vq']:.1%}, MQ {h['mq']:.1%}, TA {h['ta']:.1%}.
+
+CFG sweep (same prompts and seeds, same ODE):
+
+| CFG | VQ | MQ | TA | manifold |
+|---|---|---|---|---|
+{sweep}
+
+## Samples
+
+Each row: the clean render of the prompt (left) and the policy's sample (right).
+
+![grid](samples.png)
+
+![gif](samples.gif)
+"""
 
 
 def _steps_line(tr: dict) -> str:
