@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     name, m, overrides = argv[0], int(argv[1]), argv[2:]
+    if m < 3:
+        raise SystemExit(f"gradient_snr: M must be >= 3 batches (the jackknife needs them), got {m}")
     recipe = "tiny_world"
     if overrides and overrides[0].startswith("--recipe="):
         recipe, overrides = overrides[0].split("=", 1)[1], overrides[1:]

@@ -9,6 +9,7 @@ prompt like "../../etc/passwd" cannot write there.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def _paired(history: list[dict], key: str) -> tuple[list[int], list[float], list
     """(iterations, mean paired difference vs the first evaluation, its standard error) of `key`
     from the evaluations' per-prompt values; None when they are missing."""
     rows = [h for h in history if key in h.get("per_prompt", {})]
+    if rows:
+        rows = [h for h in rows if h.get("eval_key") == rows[-1].get("eval_key")]
     if not rows:
         return None
     first = torch.tensor(rows[0]["per_prompt"][key], dtype=torch.float64)
@@ -125,7 +128,7 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
             ax.plot(its, [h.get(key, float("nan")) for h in history], marker="o", label=name, **style)
             return False
         x, m, se = paired
-        first = next(h[key] for h in history if key in h)
+        first = next(h[key] for h in history if key in h.get("per_prompt", {}))
         line, = ax.plot(x, m, marker="o", label=f"{name} (first {first:.3f})", **style)
         lo = [a - b for a, b in zip(m, se)]
         hi = [a + b for a, b in zip(m, se)]
@@ -174,18 +177,25 @@ def save_compare(before_bcfhw: torch.Tensor, after_bcfhw: torch.Tensor, prompts:
         gap = torch.full((h, 1, 3), 255, dtype=torch.uint8)
         return torch.cat([torch.cat([u[i], gap], 1) for i in range(f)], 1)
 
-    fig, axes = plt.subplots(n, 2, figsize=(2 * 0.45 * before_bcfhw.shape[2] + 1, 1.25 * n), squeeze=False)
+    rows_img = []
     for r in range(n):
-        for c, (video, label) in enumerate(((before_bcfhw, before_label), (after_bcfhw, after_label))):
-            ax = axes[r, c]
-            ax.imshow(strip(video[r]).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            title = label if scores is None else f"{label}: reward {scores[c][r]:.3f}"
-            ax.set_title(title, fontsize=7, loc="left")
-        axes[r, 0].annotate(prompts[r], xy=(0, 1.32), xycoords="axes fraction", fontsize=8, fontweight="bold",
-                            annotation_clip=False)
-    fig.tight_layout(h_pad=1.6)
+        left, right = strip(before_bcfhw[r]), strip(after_bcfhw[r])
+        gap = torch.full((left.shape[0], 6, 3), 255, dtype=torch.uint8)
+        rows_img.append(torch.cat([left, gap, right], 1).numpy())
+    h, w = rows_img[0].shape[:2]
+    width = 9.0
+    fig, axes = plt.subplots(n, 1, figsize=(width, n * (width * h / w + 0.55)), squeeze=False)
+    for r in range(n):
+        ax = axes[r, 0]
+        ax.imshow(rows_img[r], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if scores is None:
+            sub = f"left: {before_label}   right: {after_label}"
+        else:
+            sub = f"left: {before_label}, reward {scores[0][r]:.3f}   right: {after_label}, reward {scores[1][r]:.3f}"
+        ax.set_title(f"{prompts[r]}\n{sub}", fontsize=8, loc="left")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -203,6 +213,8 @@ def learning_summary(history: list[dict], key: str = "eval/reward", guards: tupl
     from an older run) there is no verdict.
     """
     rows = [h for h in history if key in h.get("per_prompt", {})]
+    if rows:  # pair only evaluations of the same prompts, noise and sampler as the last one
+        rows = [h for h in rows if h.get("eval_key") == rows[-1].get("eval_key")]
     out: dict = {"evaluations": len(history)}
     if len(rows) < 2:
         out.update({"learned": None, "why": "fewer than two evaluations with per-prompt values"})
@@ -219,23 +231,36 @@ def learning_summary(history: list[dict], key: str = "eval/reward", guards: tupl
         n = int(d.numel())
         se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
         mean = float(d.mean()) if n else float("nan")
-        dims[k] = {"first": float(a[ok].mean()) if n else float("nan"), "last": float(b[ok].mean()) if n else float("nan"),
-                   "diff": mean, "se": se, "z": mean / se if se > 0 else float("nan"), "prompts": n}
+        dims[k] = {"first": float(a[ok].mean()) if n else None, "last": float(b[ok].mean()) if n else None,
+                   "diff": mean if n else None, "se": se if se == se else None,
+                   "z": mean / se if se > 0 else None, "prompts": n}  # None, not NaN: summary.json stays JSON
     out.update({"first_iteration": int(first["iteration"]), "last_iteration": int(last["iteration"]),
                 "prompts": dims.get(key, {}).get("prompts", 0), "trained": key, "dimensions": dims,
                 "rule": f"{key} rises by >= {z_learned} paired SE and no guard {list(guards)} falls by more than "
                         f"{z_guard} paired SE (last vs first evaluation)"})
-    trained = dims.get(key)
-    if trained is None or not trained["se"] == trained["se"]:
+    def z_of(d):  # z, with every prompt moving by the same amount (SE 0) as +-inf or 0
+        if d is None or d["diff"] is None or d["se"] is None:
+            return None
+        if d["z"] is not None:
+            return d["z"]
+        return 0.0 if d["diff"] == 0 else math.copysign(math.inf, d["diff"])
+
+    z_trained = z_of(dims.get(key))
+    if z_trained is None:
         out.update({"learned": False, "why": f"no paired values of {key}"})
         return out
     fails = []
-    if not trained["z"] >= z_learned:
-        fails.append(f"{key} z = {trained['z']:.2f} < {z_learned}")
-    for g in guards:
-        if g in dims and dims[g]["z"] < -z_guard:
-            fails.append(f"guard {g} z = {dims[g]['z']:.2f} < -{z_guard}")
+    if not z_trained >= z_learned:
+        fails.append(f"{key} z = {z_trained:.2f} < {z_learned}")
+    guards_seen = [g for g in guards if any(g in h.get("per_prompt", {}) for h in history)]
+    for g in guards_seen:  # a guard the task has must be measured at both ends to hold
+        z = z_of(dims.get(g))
+        if z is None:
+            fails.append(f"guard {g} unknown (missing at the first or last evaluation)")
+        elif z < -z_guard:
+            fails.append(f"guard {g} z = {z:.2f} < -{z_guard}")
+    trained = dims[key]
     out["learned"] = not fails
     out["why"] = "; ".join(fails) if fails else (f"{key} +{trained['diff']:.4f} +- {trained['se']:.4f} "
-                                                  f"(z = {trained['z']:.1f}), guards held")
+                                                  f"(z = {z_trained:.1f}), guards held")
     return out

@@ -41,18 +41,34 @@ def _failed_reward(batch: int, err: Exception) -> RewardResult:
 
 def held_out_prompts(n: int, exclude: set[str], *, seed: int, two_object_prob: float) -> list[str]:
     """n distinct prompts of the world's grammar, none of them in `exclude` (the training prompts),
-    deterministic for `seed`: the first n new ones in the order `sample_prompts(seed)` draws them."""
+    deterministic for `seed`, with round(n * two_object_prob) two-object prompts: the training set
+    covers most one-object prompts (144 in the grammar), so drawing from the mixture and dropping
+    training prompts would skew the held-out set towards two objects."""
     from sage_fast.world import prompts  # noqa: PLC0415
 
-    draw = 4 * n
-    for _ in range(8):
-        candidates, _ = prompts.sample_prompts(draw, seed=seed, two_object_prob=two_object_prob)
-        out = list(dict.fromkeys(p for p in candidates if p not in exclude))[:n]
-        if len(out) == n:
-            return out
-        draw *= 4
-    raise ValueError(f"world.num_eval_prompts={n}: the grammar gives only {len(out)} prompts outside the "
-                     f"{len(exclude)} training prompts; ask for fewer evaluation or training prompts")
+    n_two = round(n * two_object_prob)
+    parts = []
+    for count, prob, sub in ((n - n_two, 0.0, 1), (n_two, 1.0, 2)):
+        got, draw = [], 4 * count
+        for _ in range(6):
+            if count == 0:
+                break
+            candidates, _ = prompts.sample_prompts(draw, seed=derive_prompt_seed(seed, sub), two_object_prob=prob)
+            got = list(dict.fromkeys(p for p in candidates if p not in exclude))[:count]
+            if len(got) == count:
+                break
+            draw *= 4
+        if len(got) < count:
+            raise ValueError(f"world.num_eval_prompts={n}: the grammar gives only {len(got)} "
+                             f"{'one' if sub == 1 else 'two'}-object prompts outside the {len(exclude)} training "
+                             "prompts; ask for fewer evaluation or training prompts")
+        parts += got
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # mix the two kinds
+    return [parts[int(i)] for i in order]
+
+
+def derive_prompt_seed(seed: int, sub: int) -> int:
+    return (int(seed) * 1000003 + sub) % (2**31)
 
 
 class WorldTask:

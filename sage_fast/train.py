@@ -167,7 +167,9 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             (folder / "prompts.txt").write_text("".join(p + "\n" for p in trainer.task.eval_prompts))
         if len(trainer.history) == 1:  # the run's first evaluation: kept for samples/compare.png
             run_path(out, "samples").mkdir(exist_ok=True)
-            torch.save(_quantize(trainer.last_eval_video), run_path(out, "samples", "first_eval.pt"))
+            tmp = run_path(out, "samples", "first_eval.pt.tmp")
+            torch.save({"video": _quantize(trainer.last_eval_video), "eval_key": result.get("eval_key")}, tmp)
+            os.replace(tmp, run_path(out, "samples", "first_eval.pt"))
 
     progress = None
     if rank == 0:
@@ -204,15 +206,26 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
         # paired test, last vs first evaluation; guards: the visual and motion quality where the
         # task has them (the world's VQ / MQ, VideoAlign's vq / mq)
         learned = learning_summary(trainer.history)
-        compare = _compare(trainer, out)
-        (out / "summary.json").write_text(json.dumps({"learning": learned, "history": trainer.history,
-                                                      "plot": str(plot), "compare": compare}, indent=1))
+        summary = {"learning": learned, "history": trainer.history, "plot": str(plot), "compare": None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        try:  # a picture must not cost the run its summary or its export
+            summary["compare"] = _compare(trainer, out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        except Exception as err:  # noqa: BLE001
+            log.warning("samples/compare.png not written (%s: %s)", type(err).__name__, err)
         for key, d in learned.get("dimensions", {}).items():
-            log.info("%s: %.4f -> %.4f, paired difference %+.4f +- %.4f (z %.1f, %d prompts)", key, d["first"],
-                     d["last"], d["diff"], d["se"], d["z"], d["prompts"])
+            f = {k: ("-" if d[k] is None else f"{d[k]:+.4f}" if k in ("diff", "se") else f"{d[k]:.4f}" if k != "z"
+                     else f"{d[k]:.1f}") for k in ("first", "last", "diff", "se", "z")}
+            log.info("%s: %s -> %s, paired difference %s +- %s (z %s, %d prompts)", key, f["first"], f["last"],
+                     f["diff"], f["se"].lstrip("+"), f["z"], d["prompts"])
         log.info("done: %s; learned %s (%s)", out, learned.get("learned"), learned.get("why"))
         if cfg.run.export_final:
-            _export_final(trainer, out)
+            try:
+                _export_final(trainer, out)
+            except Exception as err:  # noqa: BLE001 - the checkpoints hold the policy: export it later
+                log.error("final model not exported (%s: %s); export it with `python -m sage_fast.export %s OUT`",
+                          type(err).__name__, err, out)
+                return 4
     return 0
 
 
@@ -241,9 +254,14 @@ def _compare(trainer, out: Path) -> str | None:
     first_path = run_path(out, "samples", "first_eval.pt")
     if len(trainer.history) < 2 or not first_path.exists() or getattr(trainer, "last_eval_video", None) is None:
         return None
-    before = torch.load(first_path).float() / 127.5 - 1
-    after = _quantize(trainer.last_eval_video).float() / 127.5 - 1
+    saved = torch.load(first_path)
     first, last = trainer.history[0], trainer.history[-1]
+    if saved.get("eval_key") != last.get("eval_key"):
+        log.warning("samples/compare.png not written: the last evaluation used other prompts, noise or sampler "
+                    "settings than the first (a resumed run with a changed config)")
+        return None
+    before = saved["video"].float() / 127.5 - 1
+    after = _quantize(trainer.last_eval_video).float() / 127.5 - 1
     scores = None
     if "eval/reward" in first.get("per_prompt", {}) and "eval/reward" in last.get("per_prompt", {}):
         scores = (first["per_prompt"]["eval/reward"], last["per_prompt"]["eval/reward"])

@@ -138,9 +138,9 @@ class VideoConfig:
     prompt_file: str | None = None
     """Training prompts, .txt (one per line) or .jsonl (objects with 'prompt')."""
     eval_prompt_file: str | None = None
-    """Evaluation prompts; None = the first `num_eval_prompts` training prompts."""
+    """Evaluation prompts; None = the first `num_eval_prompts` prompts of the prompt file, held out from training."""
     num_eval_prompts: int = 8
-    """Evaluation prompts taken from the training prompts when no eval file is given."""
+    """Evaluation prompts held out from the prompt file when no eval file is given."""
     negative_prompt: str = ""
     """The CFG negative prompt (diffusers' pipeline default: empty)."""
     frames: int = 81
@@ -196,7 +196,7 @@ class GRPOConfig:
     adv_clip: float = 5.0
     """|advantage| bound."""
     adv_std: str = "group"
-    """Advantage denominator: 'group' (each group's std, the authors'), 'batch' (pooled within-group std of the global batch) or 'none'."""
+    """Advantage denominator: 'group' (each group's std, the authors'), 'batch' (pooled within-group std of the global batch) or 'none' (raw differences: adv_clip is then in reward units)."""
     group_noise: str = "independent"
     """Initial noise: 'independent' (each sample its own) or 'shared' (a group's samples start from one noise; with an SDE window after step 0 they share the ODE prefix and branch at the window)."""
     equalizer: str = "analytic"

@@ -430,6 +430,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # evaluation, checkpoints, the loop
 
+    def eval_key(self) -> str:
+        """A fingerprint of what an evaluation samples (prompts, noise seed, sampler, latent shape):
+        only evaluations with the same key are paired (a resumed run may have changed them)."""
+        s = self.cfg.sampler
+        parts = (self.task.eval_prompts, derive_seed(self.cfg.run.seed, "eval"), s.num_steps, s.shift, s.sde_type,
+                 s.cfg_scale, tuple(self.task.latent_shape))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Fixed prompts and fixed noise, deterministic (eta = 0) sampler: comparable across iterations."""
@@ -439,7 +447,7 @@ class Trainer:
         traj = self.eval_engine.sample(cond, shape, seed=derive_seed(self.cfg.run.seed, "eval"), device=self.device)
         video = self.task.decode(traj.final)
         reward = self.task.reward(video, prompts)
-        out = {"iteration": self.iteration, "eval/reward": float(reward.total_b.nanmean())}
+        out = {"iteration": self.iteration, "eval_key": self.eval_key(), "eval/reward": float(reward.total_b.nanmean())}
         out.update({f"eval/{k}": float(v.nanmean()) for k, v in reward.scores.items()})
         # per prompt (the same prompts and noise every time): the paired verdict reads these
         per_prompt = {"eval/reward": reward.total_b}
