@@ -150,7 +150,7 @@ class Trainer:
         self.engine = RolloutEngine(self.model.velocity, cfg.sampler, cuda_graph=not self.fsdp and sp == 1)
         self.eval_engine = RolloutEngine(self.model.velocity, SamplerConfig(
             num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, sde_type=cfg.sampler.sde_type, eta=0.0,
-            cfg_scale=cfg.sampler.cfg_scale))
+            cfg_scale=cfg.sampler.cfg_scale), cuda_graph=not self.fsdp and sp == 1)  # as the rollout engine
         coef = self.engine.coefficients(1)
         self.trainable_steps = [t for t in cfg.sampler.stochastic_steps() if float(coef[t, 2, 0]) > 0]
         if not self.trainable_steps:

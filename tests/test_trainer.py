@@ -246,7 +246,7 @@ def _has_deepspeed() -> bool:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2", pytest.param(
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2", "ddp_shared", pytest.param(
     "deepspeed_zero2", marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed"))])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy):
     """2 ranks (data parallel, or one Ulysses sp=2 group) == 1 rank (gradients), and 1 + 1

@@ -20,6 +20,13 @@ def main():
     assert torch.equal(mine.valid_b, full.valid_b[local])
     alone = group_advantages(rewards[local], groups[local])  # without the gather: different
     assert not torch.equal(alone.adv_b, mine.adv_b)
+    for scope in ("batch", "none"):  # the pooled std is the global batch's on every rank
+        full_s = group_advantages(rewards, groups, std_scope=scope)
+        mine_s = group_advantages(rewards[local], groups[local], process_group=dist.group.WORLD, std_scope=scope)
+        assert torch.equal(mine_s.adv_b, full_s.adv_b[local]), (scope, mine_s.adv_b, full_s.adv_b[local])
+        assert torch.equal(mine_s.group_std_b, full_s.group_std_b[local])
+    alone_b = group_advantages(rewards[local], groups[local], std_scope="batch")
+    assert not torch.equal(alone_b.group_std_b, group_advantages(rewards, groups, std_scope="batch").group_std_b[local])
     print(f"OK advantages rank {rank}/{world}", flush=True)
     dist.destroy_process_group()
 

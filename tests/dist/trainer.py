@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 tests/dist/trainer.py TMP [ddp|fsdp2|sp|sp_fsdp2|deepspeed_zero2]
+"""torchrun --nproc_per_node 2 tests/dist/trainer.py TMP [ddp|fsdp2|sp|sp_fsdp2|deepspeed_zero2|ddp_shared]
 
 1. 2 ranks x 4 samples == 1 rank x 8 samples (ddp, fsdp2), or one sp=2 group x 8 samples ==
    1 rank x 8 samples (sp: Ulysses splits every video's tokens over the 2 ranks; sp_fsdp2: the
@@ -35,14 +35,22 @@ def two_rank_trainer(path, strategy, *extra):
               "fsdp2": ("grpo.samples_per_rank=4", "dist.strategy=fsdp2"),
               "sp": ("grpo.samples_per_rank=8", "dist.strategy=ddp", "dist.sp=2"),
               "sp_fsdp2": ("grpo.samples_per_rank=8", "dist.strategy=fsdp2", "dist.sp=2"),
-              "deepspeed_zero2": ("grpo.samples_per_rank=4", "dist.strategy=deepspeed_zero2")}[strategy]
-    return Trainer(tiny_cfg(path, *layout, *extra), rank=dist.get_rank(), world_size=2, group=dist.group.WORLD)
+              "deepspeed_zero2": ("grpo.samples_per_rank=4", "dist.strategy=deepspeed_zero2"),
+              "ddp_shared": ("grpo.samples_per_rank=4", "dist.strategy=ddp")}[strategy]
+    return Trainer(tiny_cfg(path, *layout, *SAME[strategy], *extra), rank=dist.get_rank(), world_size=2,
+                   group=dist.group.WORLD)
+
+
+# settings of both runs: ddp_shared has one group of 8 spanning the ranks, sharing its initial
+# noise (a global index), with the batch-pooled advantage std (gathered over the ranks)
+SAME = {"ddp_shared": ("grpo.group_size=8", "grpo.group_noise=shared", "grpo.adv_std=batch")}
+SAME = {k: SAME.get(k, ()) for k in ("ddp", "fsdp2", "sp", "sp_fsdp2", "deepspeed_zero2", "ddp_shared")}
 
 
 def check_equals_one_rank(tmp, strategy, rank):
     two = two_rank_trainer(tmp / f"two{rank}", strategy)
     m_two = two.step()
-    one = Trainer(tiny_cfg(tmp / f"one{rank}", "grpo.samples_per_rank=8"))
+    one = Trainer(tiny_cfg(tmp / f"one{rank}", "grpo.samples_per_rank=8", *SAME[strategy]))
     m_one = one.step()
     # Compare the (clipped) gradients left by the update, not the parameters: Adam's first step is
     # lr * sign(g) elementwise, which turns rounding noise in near-zero gradient entries into
