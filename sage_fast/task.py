@@ -50,9 +50,7 @@ def held_out_prompts(n: int, exclude: set[str], *, seed: int, two_object_prob: f
     parts = []
     for count, prob, sub in ((n - n_two, 0.0, 1), (n_two, 1.0, 2)):
         got, draw = [], 4 * count
-        for _ in range(6):
-            if count == 0:
-                break
+        while count and draw <= max(64 * count, 4096):  # the grammar is finite: a bounded search
             candidates, _ = prompts.sample_prompts(draw, seed=derive_prompt_seed(seed, sub), two_object_prob=prob)
             got = list(dict.fromkeys(p for p in candidates if p not in exclude))[:count]
             if len(got) == count:

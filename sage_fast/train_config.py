@@ -372,6 +372,13 @@ def check_paths(cfg: TrainConfig) -> None:
     if cfg.task.kind == "world":
         if cfg.world.prompt_file is not None and not Path(cfg.world.prompt_file).is_file():
             raise ValueError(f"world.prompt_file={cfg.world.prompt_file!r} is not a file")
+        if cfg.world.prompt_file is None:  # the held-out evaluation set exists (cheap: the grammar only)
+            from sage_fast.task import held_out_prompts  # noqa: PLC0415
+            from sage_fast.world.prompts import sample_prompts  # noqa: PLC0415
+
+            w = cfg.world
+            train, _ = sample_prompts(w.num_train_prompts, seed=w.prompt_seed, two_object_prob=w.two_object_prob)
+            held_out_prompts(w.num_eval_prompts, set(train), seed=w.prompt_seed + 1, two_object_prob=w.two_object_prob)
         return
     v = cfg.video
     if v.pipeline is None:
@@ -392,6 +399,14 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ValueError("video.prompt_file must name a .txt or .jsonl prompt file")
         if value is not None and not Path(value).is_file():
             raise ValueError(f"video.{name}={value!r} is not a file")
+    if v.eval_prompt_file is None:
+        from sage_fast.world.prompts import read_prompts  # noqa: PLC0415
+
+        count = len(read_prompts(v.prompt_file, grammar=False))
+        if count <= v.num_eval_prompts:
+            raise ValueError(f"video.prompt_file={v.prompt_file!r} holds {count} prompts: with no "
+                             f"video.eval_prompt_file its first video.num_eval_prompts={v.num_eval_prompts} are held "
+                             "out for evaluation, leaving none to train on")
     check_python_parts(v.reward)
     for kind, arg in parse_reward_spec(v.reward):
         if kind == "clip_score" and not Path(arg).is_dir():

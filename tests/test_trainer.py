@@ -167,6 +167,13 @@ def test_bad_configs_fail_before_any_work(tmp_path, override, match):
         Trainer(tiny_cfg(tmp_path, *override))
 
 
+def test_too_many_evaluation_prompts_fail_in_the_config_check(tmp_path, capsys):
+    # the grammar has 144 one-object prompts; 256 training prompts leave far fewer than 200 of them
+    assert main(TINY + [f"run.output_dir={tmp_path}/run", "world.num_train_prompts=256",
+                        "world.num_eval_prompts=400"]) == 2
+    assert "world.num_eval_prompts=400" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_a_slow_rank_does_not_take_rank_zeros_new_folder_for_an_old_run(tmp_path):
     """Every rank checks the folder before rank 0 creates it (a barrier between): rank 1, slower
     here by 0.3 s, must not find rank 0's fresh config.json and refuse to start."""
