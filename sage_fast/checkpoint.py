@@ -127,6 +127,11 @@ class CheckpointManager:
         return sorted(p for p in self.dir.iterdir()
                       if p.is_dir() and p.name.startswith(_PREFIX) and (p / "meta.json").exists())
 
+    def by_step(self) -> dict[int, Path]:
+        """The complete checkpoints by the step their meta.json names, ascending."""
+        found = {int(json.loads((p / "meta.json").read_text())["step"]): p for p in self._complete()}
+        return dict(sorted(found.items()))
+
     def _prune(self, keep_name: str) -> None:
         for stale in self.dir.glob(".tmp-*"):  # leftovers of crashed writers
             shutil.rmtree(stale, ignore_errors=True)

@@ -90,14 +90,9 @@ class LoadedPolicy:
 
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """The run's complete checkpoints (a meta.json marks one, checkpoint.py), by iteration, ascending."""
-    folder = Path(run_dir) / "checkpoints"
-    found = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            meta = path / "meta.json"
-            if path.is_dir() and path.name.startswith("step_") and meta.exists():
-                found[int(json.loads(meta.read_text())["step"])] = path
-    return dict(sorted(found.items()))
+    from sage_fast.checkpoint import CheckpointManager  # noqa: PLC0415
+
+    return CheckpointManager(run_dir).by_step()
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -157,14 +152,11 @@ def build_policy(cfg, device="cpu") -> nn.Module:
     initialisation drawn under the same seed (derive_seed(run.seed, "init")), the random-init base
     from run.seed. The attention backend is SDPA and activation checkpointing off: an export runs
     no forward, and a backend chosen for the training GPUs (fa3) need not exist here."""
-    from sage_fast.models import build_velocity_model  # noqa: PLC0415
-    from sage_fast.trainer import derive_seed  # noqa: PLC0415
+    from sage_fast.trainer import build_policy_model  # noqa: PLC0415
 
     _base_checkpoint(cfg)
     model_cfg = dataclasses.replace(cfg.model, attention_backend="sdpa", gradient_checkpointing=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.run.seed, "init") % (2**31))
-        return build_velocity_model(model_cfg, device=device, seed=cfg.run.seed)
+    return build_policy_model(model_cfg, cfg.run.seed, device=device)
 
 
 def load_policy(run_dir: str | Path, step: int | None = None, device="cpu") -> LoadedPolicy:

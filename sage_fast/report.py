@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "run_path", "video_frames", "save_gif", "save_mp4", "plot_history", "save_compare",
+__all__ = ["safe_name", "run_path", "to_uint8", "video_frames", "save_gif", "save_mp4", "plot_history", "save_compare",
            "learning_summary"]
 
 log = logging.getLogger("sage_fast.report")
@@ -37,10 +37,15 @@ def run_path(run_dir: str | Path, *parts: str) -> Path:
     return path
 
 
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] (clamped) as uint8 0..255 on the CPU, what the pictures show."""
+    return ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def video_frames(video_bcfhw: torch.Tensor, scale: int = 4, columns: int = 16) -> list[np.ndarray]:
     """[B, 3, F, H, W] in [-1, 1] -> F uint8 RGB frames of the B videos in a grid (`columns` a
     row, side by side when B <= columns), upscaled."""
-    v = ((video_bcfhw.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    v = to_uint8(video_bcfhw)
     b, _, f, h, w = v.shape
     cols = min(b, columns)
     rows = -(-b // cols)
@@ -78,27 +83,44 @@ def save_mp4(video_bcfhw: torch.Tensor, path: Path, fps: int = 4) -> Path | None
     return path
 
 
+def _comparable(history: list[dict], key: str) -> list[dict]:
+    """The evaluations with per-prompt values of `key` and the last one's fingerprint (the same
+    prompts, noise and sampler: a resumed run may have changed them), in order."""
+    rows = [h for h in history if key in h.get("per_prompt", {})]
+    return [h for h in rows if h.get("eval_key") == rows[-1].get("eval_key")] if rows else []
+
+
+def _difference(before: list[float], after: list[float]) -> dict | None:
+    """Paired per-prompt difference after - before over the prompts finite in both: means, the
+    difference's mean and standard error (None where undefined), the prompt count; None when the
+    two evaluations do not have the same prompts."""
+    a = torch.tensor(before, dtype=torch.float64)
+    b = torch.tensor(after, dtype=torch.float64)
+    if a.shape != b.shape:
+        return None
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    d = (b - a)[ok]
+    n = int(d.numel())
+    se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else None
+    mean = float(d.mean()) if n else None
+    return {"first": float(a[ok].mean()) if n else None, "last": float(b[ok].mean()) if n else None,
+            "diff": mean, "se": se, "z": mean / se if se else None, "prompts": n}  # None, not NaN: stays JSON
+
+
 def _paired(history: list[dict], key: str) -> tuple[list[int], list[float], list[float]] | None:
     """(iterations, mean paired difference vs the first evaluation, its standard error) of `key`
     from the evaluations' per-prompt values; None when they are missing."""
-    rows = [h for h in history if key in h.get("per_prompt", {})]
-    if rows:
-        rows = [h for h in rows if h.get("eval_key") == rows[-1].get("eval_key")]
+    rows = _comparable(history, key)
     if not rows:
         return None
-    first = torch.tensor(rows[0]["per_prompt"][key], dtype=torch.float64)
     its, means, ses = [], [], []
     for h in rows:
-        now = torch.tensor(h["per_prompt"][key], dtype=torch.float64)
-        if now.shape != first.shape:
-            continue
-        d = now - first
-        d = d[torch.isfinite(d)]
-        if d.numel() == 0:
+        d = _difference(rows[0]["per_prompt"][key], h["per_prompt"][key])
+        if d is None or not d["prompts"]:
             continue
         its.append(int(h["iteration"]))
-        means.append(float(d.mean()))
-        ses.append(float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("nan"))
+        means.append(d["diff"])
+        ses.append(d["se"] if d["se"] is not None else float("nan"))
     return its, means, ses
 
 
@@ -172,7 +194,7 @@ def save_compare(before_bcfhw: torch.Tensor, after_bcfhw: torch.Tensor, prompts:
         raise ValueError("save_compare needs at least one video and prompt")
 
     def strip(v):  # [3, F, H, W] -> [H, F*W + gaps, 3] uint8
-        u = ((v.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        u = to_uint8(v).permute(1, 2, 3, 0)
         f, h, w, _ = u.shape
         gap = torch.full((h, 1, 3), 255, dtype=torch.uint8)
         return torch.cat([torch.cat([u[i], gap], 1) for i in range(f)], 1)
@@ -212,9 +234,7 @@ def learning_summary(history: list[dict], key: str = "eval/reward", guards: tupl
     and motion quality) falls by more than `z_guard` SE. Without per-prompt values (a history
     from an older run) there is no verdict.
     """
-    rows = [h for h in history if key in h.get("per_prompt", {})]
-    if rows:  # pair only evaluations of the same prompts, noise and sampler as the last one
-        rows = [h for h in rows if h.get("eval_key") == rows[-1].get("eval_key")]
+    rows = _comparable(history, key)
     out: dict = {"evaluations": len(history)}
     if len(rows) < 2:
         out.update({"learned": None, "why": "fewer than two evaluations with per-prompt values"})
@@ -222,18 +242,9 @@ def learning_summary(history: list[dict], key: str = "eval/reward", guards: tupl
     first, last = rows[0], rows[-1]
     dims = {}
     for k in sorted(set(first["per_prompt"]) & set(last["per_prompt"])):
-        a = torch.tensor(first["per_prompt"][k], dtype=torch.float64)
-        b = torch.tensor(last["per_prompt"][k], dtype=torch.float64)
-        if a.shape != b.shape:
-            continue
-        ok = torch.isfinite(a) & torch.isfinite(b)
-        d = (b - a)[ok]
-        n = int(d.numel())
-        se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
-        mean = float(d.mean()) if n else float("nan")
-        dims[k] = {"first": float(a[ok].mean()) if n else None, "last": float(b[ok].mean()) if n else None,
-                   "diff": mean if n else None, "se": se if se == se else None,
-                   "z": mean / se if se > 0 else None, "prompts": n}  # None, not NaN: summary.json stays JSON
+        d = _difference(first["per_prompt"][k], last["per_prompt"][k])
+        if d is not None:
+            dims[k] = d
     out.update({"first_iteration": int(first["iteration"]), "last_iteration": int(last["iteration"]),
                 "prompts": dims.get(key, {}).get("prompts", 0), "trained": key, "dimensions": dims,
                 "rule": f"{key} rises by >= {z_learned} paired SE and no guard {list(guards)} falls by more than "

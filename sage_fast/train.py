@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str) -> int:
     from sage_fast.metrics import MetricsWriter  # noqa: PLC0415
-    from sage_fast.report import learning_summary, plot_history, run_path, save_gif, save_mp4  # noqa: PLC0415
+    from sage_fast.report import (learning_summary, plot_history, run_path, save_gif, save_mp4,  # noqa: PLC0415
+                                  to_uint8)
     from sage_fast.trainer import Trainer  # noqa: PLC0415
 
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=rank == 0)
@@ -168,7 +169,8 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
         if len(trainer.history) == 1:  # the run's first evaluation: kept for samples/compare.png
             run_path(out, "samples").mkdir(exist_ok=True)
             tmp = run_path(out, "samples", "first_eval.pt.tmp")
-            torch.save({"video": _quantize(trainer.last_eval_video), "eval_key": result.get("eval_key")}, tmp)
+            # uint8, what the pictures show: a quarter of the float32 size
+            torch.save({"video": to_uint8(trainer.last_eval_video), "eval_key": result.get("eval_key")}, tmp)
             os.replace(tmp, run_path(out, "samples", "first_eval.pt"))
 
     progress = None
@@ -213,11 +215,13 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         except Exception as err:  # noqa: BLE001
             log.warning("samples/compare.png not written (%s: %s)", type(err).__name__, err)
+        def num(x, spec):
+            return "-" if x is None else format(x, spec)
+
         for key, d in learned.get("dimensions", {}).items():
-            f = {k: ("-" if d[k] is None else f"{d[k]:+.4f}" if k in ("diff", "se") else f"{d[k]:.4f}" if k != "z"
-                     else f"{d[k]:.1f}") for k in ("first", "last", "diff", "se", "z")}
-            log.info("%s: %s -> %s, paired difference %s +- %s (z %s, %d prompts)", key, f["first"], f["last"],
-                     f["diff"], f["se"].lstrip("+"), f["z"], d["prompts"])
+            log.info("%s: %s -> %s, paired difference %s +- %s (z %s, %d prompts)", key, num(d["first"], ".4f"),
+                     num(d["last"], ".4f"), num(d["diff"], "+.4f"), num(d["se"], ".4f"), num(d["z"], ".1f"),
+                     d["prompts"])
         log.info("done: %s; learned %s (%s)", out, learned.get("learned"), learned.get("why"))
         if cfg.run.export_final:
             try:
@@ -242,11 +246,6 @@ def _export_final(trainer, out: Path) -> None:
     log.info("final model: %s (load with sage_fast.world.load_base_model or diffusers' from_pretrained)", path)
 
 
-def _quantize(video_bcfhw: torch.Tensor) -> torch.Tensor:
-    """Videos in [-1, 1] as uint8 (what the GIFs show), a quarter of the float32 size."""
-    return ((video_bcfhw.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def _compare(trainer, out: Path) -> str | None:
     """samples/compare.png: the first and the last evaluation's samples of the same prompts and noise."""
     from sage_fast.report import run_path, save_compare  # noqa: PLC0415
@@ -261,7 +260,7 @@ def _compare(trainer, out: Path) -> str | None:
                     "settings than the first (a resumed run with a changed config)")
         return None
     before = saved["video"].float() / 127.5 - 1
-    after = _quantize(trainer.last_eval_video).float() / 127.5 - 1
+    after = trainer.last_eval_video
     scores = None
     if "eval/reward" in first.get("per_prompt", {}) and "eval/reward" in last.get("per_prompt", {}):
         scores = (first["per_prompt"]["eval/reward"], last["per_prompt"]["eval/reward"])

@@ -41,7 +41,7 @@ from sage_fast.metrics import MetricsWriter, PhaseTimer, PerStepStats
 from sage_fast.models import Conditioning, TextEmbeddings, build_velocity_model
 from sage_fast.task import build_task
 
-__all__ = ["Trainer", "select_conditioning", "derive_seed"]
+__all__ = ["Trainer", "select_conditioning", "derive_seed", "build_policy_model"]
 
 log = logging.getLogger("sage_fast.trainer")
 
@@ -50,6 +50,15 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (distinct parts, unrelated seeds)."""
     digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def build_policy_model(model_cfg, run_seed: int, device="cpu"):
+    """The policy a run with `run.seed` starts from. LoRA's initialisation draws from the global
+    RNG: seed it, so every run (and rank, and an export rebuilding the run) with the same
+    run.seed starts from the same policy."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(run_seed, "init") % (2**31))
+        return build_velocity_model(model_cfg, device=device, seed=run_seed)
 
 
 def _select_text(text: TextEmbeddings, idx: torch.Tensor) -> TextEmbeddings:
@@ -94,11 +103,7 @@ class Trainer:
                              f"data-parallel ranks = {g.samples_per_rank} x {self.dp_size} = {global_batch}")
         self.prompts_per_iter = global_batch // g.group_size
 
-        # LoRA's initialisation draws from the global RNG: seed it, so every run (and rank) with
-        # the same run.seed starts from the same policy
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.run.seed, "init") % (2**31))
-            self.model = build_velocity_model(cfg.model, device=self.device, seed=cfg.run.seed)
+        self.model = build_policy_model(cfg.model, cfg.run.seed, device=self.device)
         heads = self.model.transformer.config.num_attention_heads
         if heads % sp:
             raise ValueError(f"dist.sp={sp} must divide the attention heads ({heads})")
