@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     micro.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     micro.add_argument("--out", default="docs/paper", help="report folder (default %(default)s)")
     micro.add_argument("--quiet", action="store_true", help="no progress bar")
+    micro.add_argument("--from-json", default=None, metavar="MICRO_JSON",
+                       help="render the report from a saved micro.json instead of measuring")
     args = parser.parse_args(argv)
 
     import torch  # noqa: PLC0415
@@ -43,6 +45,18 @@ def main(argv=None) -> int:
     from .micro import run_micro  # noqa: PLC0415
     from .report import write_micro_report  # noqa: PLC0415
 
+    command = "python -m sage_fast.paper " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_json is not None:
+        import json  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
+        try:
+            result = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"--from-json {args.from_json}: {err}")
+        path = write_micro_report(result, args.out, command=command.strip())
+        print(f"wrote {path}")
+        return 0
     try:
         cfg = MicroConfig(prompts=args.prompts, group=args.group, etas=args.etas, seed=args.seed,
                           grad_prompts=args.grad_prompts, grad_group=args.grad_group, grad_eta=args.grad_eta,
@@ -54,7 +68,6 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     result = run_micro(cfg, show_progress=not args.quiet)
-    command = "python -m sage_fast.paper " + " ".join(sys.argv[1:] if argv is None else argv)
     path = write_micro_report(result, args.out, command=command.strip())
     print(f"wrote {path} ({result['seconds'] / 60:.1f} min)")
     return 0

@@ -136,6 +136,13 @@ def _save(fig, plt, out: Path, name: str, names: list[str]) -> None:
     names.append(name)
 
 
+def _step_rows(table: list[dict]) -> list[dict]:
+    """The lowest matched level (every type) and the highest one at least two types reach."""
+    shared = [r for r in table if sum(v is not None for v in r["types"].values()) >= 2]
+    rows = [table[0]] + ([shared[-1]] if shared and shared[-1] is not table[0] else [])
+    return rows
+
+
 def _plots(result: dict, out: Path, table: list[dict]) -> list[str]:
     import matplotlib  # noqa: PLC0415
 
@@ -146,25 +153,28 @@ def _plots(result: dict, out: Path, table: list[dict]) -> list[str]:
     ode = result["ode"]
     names = []
 
-    # 1. manifold distance against exploration
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # 1. manifold distance against exploration: the whole range, and a zoom on the ODE's neighbourhood
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     om, ose = _mean_se(ode["manifold"])
-    for sde_type, cells in by.items():
-        xs = [0.0] + [_mean_se(c["exploration"])[0] for c in cells]
-        xe = [0.0] + [_mean_se(c["exploration"])[1] for c in cells]
-        ys = [om] + [_mean_se(c["manifold"])[0] for c in cells]
-        ye = [ose] + [_mean_se(c["manifold"])[1] for c in cells]
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", ms=4, capsize=2, color=COLOURS.get(sde_type),
-                    label=sde_type)
-        for c, x, y in zip(cells, xs[1:], ys[1:]):
-            ax.annotate(f"{c['eta']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    _style(ax, xlabel="exploration: within-group std of the reward (mean over prompts)",
-           ylabel="manifold distance of the final samples", title="rollouts: manifold distance vs exploration "
+    for ax in axes:
+        for sde_type, cells in by.items():
+            xs = [0.0] + [_mean_se(c["exploration"])[0] for c in cells]
+            xe = [0.0] + [_mean_se(c["exploration"])[1] for c in cells]
+            ys = [om] + [_mean_se(c["manifold"])[0] for c in cells]
+            ye = [ose] + [_mean_se(c["manifold"])[1] for c in cells]
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", ms=4, capsize=2, color=COLOURS.get(sde_type),
+                        label=sde_type)
+            for c, x, y in zip(cells, xs[1:], ys[1:]):
+                ax.annotate(f"{c['eta']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[1].set_ylim(om - 0.25 * om, om + 0.5 * om)
+    _style(axes[0], xlabel="exploration: within-group std of the reward (mean over prompts)",
+           ylabel="manifold distance of the final samples", title="manifold distance vs exploration "
            "(labels: eta; origin: the ODE)")
+    _style(axes[1], xlabel="exploration", ylabel="manifold distance", title="the same, near the ODE")
     _save(fig, plt, out, "micro_geometry.png", names)
 
     # 2. where along the trajectory the types leave the ODE, at matched exploration
-    rows = [r for r in table if sum(v is not None for v in r["types"].values()) >= 2][:2] or table[:1]
+    rows = _step_rows(table)
     fig, axes = plt.subplots(1, len(rows) + 1, figsize=(5 * (len(rows) + 1), 4), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for sde_type, entry in row["types"].items():
@@ -221,12 +231,15 @@ def _spread(values) -> float:
 
 
 def write_micro_report(result: dict, out_dir: str | Path, command: str, date: str | None = None) -> Path:
-    """Write micro.md, micro.json and the PNGs into out_dir; returns the markdown's path."""
+    """Write micro.md, micro.json and the PNGs into out_dir; returns the markdown's path. The first
+    call records the command, date, commit and machine in `result["run"]`."""
     import time  # noqa: PLC0415
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    date = date or time.strftime("%Y-%m-%d")
+    # where the numbers came from: recorded once, when they were measured (a re-rendered report keeps them)
+    run = result.setdefault("run", {"command": command, "date": date or time.strftime("%Y-%m-%d"),
+                                    "commit": commit_line(), "machine": machine_line()})
     (out / "micro.json").write_text(json.dumps(result, indent=1))
     table = matched_table(result)
     pngs = _plots(result, out, table)
@@ -235,8 +248,10 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
     P, G = cfg["prompts"], cfg["group"]
     L = []
     L += ["# The paper's micro-level claims, measured on the world", "",
-          f"Produced by `{command}` on {date}. Commit {commit_line()}. Machine: {machine_line()}. "
-          f"Wall time {result['seconds'] / 60:.1f} min. Raw numbers: `micro.json`.", "",
+          f"Produced by `{run['command']}` on {run['date']}. Commit {run['commit']}. Machine: {run['machine']}. "
+          f"Wall time {result['seconds'] / 60:.1f} min. Raw numbers: `micro.json`."
+          + ("" if run["command"] == command else f" This report was re-rendered from that file by `{command}`.")
+          + "", "",
           f"Base model: `{Path(result['checkpoint']).name}` (the `tiny_world` recipe's). Sampler: the recipe's, "
           f"{rec['num_steps']} steps, shift {rec['shift']:g}, CFG {rec['cfg_scale']:g}; reward: the recipe's "
           f"(`{rec['reward_weights']}` weights of VQ / MQ / TA). {P} held-out prompts (the recipe's evaluation "
@@ -252,11 +267,16 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
           "Exploration = within-group std of the reward (per prompt, then mean). Manifold = RMS distance of the "
           "final video from its best re-rendering by the world (0 for a render). Reward, VQ, MQ, TA: means of "
           "the final samples.", "",
-          "| type | eta | exploration | manifold | reward | VQ | MQ | TA |", "|---|---|---|---|---|---|---|---|"]
+          "The last column is the paired change of the manifold distance against the ODE from the same noise "
+          "(per prompt; z in brackets).", "",
+          "| type | eta | exploration | manifold | reward | VQ | MQ | TA | manifold - ODE |",
+          "|---|---|---|---|---|---|---|---|---|"]
 
     def line(name, eta, cell):
         vals = [_fmt(*_mean_se(cell[k])) for k in ("exploration", "manifold", "reward", "vq", "mq", "ta")]
-        return f"| {name} | {eta} | " + " | ".join(vals) + " |"
+        d = _mean_se([a - b for a, b in zip(cell["manifold"], ode["manifold"])])
+        vs_ode = "-" if cell is ode else f"{d[0]:+.4f} +- {d[1]:.4f} ({d[0] / d[1]:+.1f})" if d[1] > 0 else "0"
+        return f"| {name} | {eta} | " + " | ".join(vals) + f" | {vs_ode} |"
 
     L.append(line("ode", "0", ode))
     for sde_type, cells in by.items():
@@ -310,10 +330,21 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
     L += ["", f"![steps]({pngs[1]})", "",
           "**Where the types leave the ODE path** (RMS latent distance from the ODE trajectory before each step, "
           "at the matched levels of the table; step 0 is the shared initial noise):", ""]
-    for row in table[:2]:
+    for row in _step_rows(table):
         L.append(f"- exploration {row['target']:g}: " + "; ".join(
             f"{t} " + ", ".join(f"{v:.3f}" for v in e["step_distance"][1:])
             for t, e in row["types"].items() if e is not None and e["step_distance"] is not None))
+        sage = row["types"].get("sage_grpo")
+        if sage is None or sage["step_distance"] is None:
+            continue
+        for t, e in row["types"].items():
+            if t == "sage_grpo" or e is None or e["step_distance"] is None:
+                continue
+            ratio = [o / s_ if s_ > 0 else float("nan") for o, s_ in zip(e["step_distance"][1:], sage["step_distance"][1:])]
+            peak = max(range(len(ratio)), key=lambda k: ratio[k])
+            low = min(range(len(ratio)), key=lambda k: ratio[k])
+            L.append(f"  - {t} / sage: {min(ratio):.2f}x (before step {low + 1}) to {max(ratio):.2f}x (before step "
+                     f"{peak + 1}); final latent {ratio[-1]:.2f}x")
     # 2. noise budget
     for name, budget in result["noise_budget"].items():
         label = "the recipe's schedule" if name == "recipe" else "SPEC defaults"
@@ -337,6 +368,16 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
                   for t in ("sage_grpo", "flow_grpo", "dance_grpo", "cps"))
               + ". Step 0 alone: " + "; ".join(f"{t} {tot['step0_variance'][t]:.4f}"
                                               for t in ("sage_grpo", "flow_grpo", "dance_grpo", "cps")) + "."]
+        flow, sage = budget["steps"][0]["variance"]["flow_grpo"], budget["steps"][0]["variance"]["sage_grpo"]
+        finite = [r for r in budget["steps"] if r["excess"]["flow_grpo"] is not None]
+        flow_more = sum(r["excess"]["flow_grpo"] > 0 for r in finite)
+        dance_more = [r["step"] for r in finite if r["excess"]["dance_grpo"] > 0]
+        L += ["", f"Reading: over the steps where the exact integral is finite, flow_grpo's Euler area injects "
+              f"x{tot['ratio']['flow_grpo']:.2f} the exact variance (more at {flow_more} of {len(finite)} steps); "
+              f"at step 0 it injects {'less' if flow < sage else 'more'} than sage ({flow:.4f} vs {sage:.4f}), "
+              f"where sage's clamp stands in for an infinite integral. dance injects "
+              f"x{tot['ratio']['dance_grpo']:.2f}, more than the exact integral only at steps "
+              f"{', '.join(map(str, dance_more)) or 'none'}; cps x{tot['ratio']['cps']:.2f}."]
         if name == "recipe":
             L += ["", f"![noise budget]({pngs[2]})"]
     # 3. gradients
@@ -363,6 +404,16 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
         eq = [m * scales[s] for s, m in zip(g["steps"], g["mean"])]
         L.append(f"| {g['sde_type']} | " + " | ".join(cells_txt) + f" | {_spread(g['mean']):.0f}x | "
                  f"{_spread(eq):.1f}x |")
+    L += [""]
+    for g in result["parameter_gradients"]:
+        scales = result["equalizer_analytic"][g["sde_type"]]
+        before = _spread(g["mean"])
+        after = _spread([m * scales[s_] for s_, m in zip(g["steps"], g["mean"])])
+        verb = "narrows" if after < before else "widens"
+        L.append(f"- {g['sde_type']}: the parameter gradient grows {before:.0f}x from the first to the largest "
+                 f"step; the analytic equalizer {verb} the spread to {after:.1f}x"
+                 + (" (its |b|/c proxy does not describe cps's log-prob, whose gradient scales like |b| c)"
+                    if g["sde_type"] == "cps" and after > before else "") + ".")
     L += ["", "Analytic equalizer scales s_t = median(|b|/c) / (|b_t|/c_t) at this eta:", ""]
     for t, s in result["equalizer_analytic"].items():
         L.append(f"- {t}: " + ", ".join(f"{x:.3g}" for x in s))
