@@ -1,18 +1,30 @@
-"""Exact, atomic checkpoints of a training run.
+"""Exact, atomic, verified checkpoints of a training run.
 
-Owns: the on-disk layout and its crash safety, and capturing/restoring RNG states.
+Owns: the on-disk layout and its crash safety, verification at load, and capturing/restoring
+RNG states.
 
     RUN/checkpoints/step_00000120/state.pt   everything to resume: policy, optimizer, anchor,
                                              equalizer, KL controller, data position, ...
                                   rng.pt     RNG states of every rank (python, numpy, torch CPU/CUDA)
-                                  meta.json  written last: its presence marks a complete checkpoint
+                                  meta.json  written last: its presence marks a complete checkpoint;
+                                             it holds the size and SHA-256 of every other file
     RUN/checkpoints/latest                   the name of the newest complete checkpoint
 
-A checkpoint is written into a temporary folder, flushed to disk, then renamed into place, and
-`latest` is replaced atomically afterwards, so a crash at any moment leaves the previous
-checkpoint intact and `latest` pointing at a complete one (POSIX rename is atomic within a
-file system). Loading uses `torch.load(weights_only=True)`: a checkpoint holds tensors and
-plain Python values only, never pickled code.
+Writing: into a temporary folder, flushed to disk, then renamed into place; `latest` is
+replaced atomically afterwards. A crash at any moment (kill -9 included) leaves the previous
+checkpoint intact and `latest` naming a complete one (POSIX rename is atomic within a file
+system). A save that fails (disk full, unwritable folder) removes its temporary folder and
+raises `CheckpointSaveError`; `latest` is untouched. Re-saving a step moves the old copy aside
+(one rename) before deleting it, so no half-deleted folder ever looks complete.
+
+Loading: `load()` verifies a checkpoint before reading it (meta.json parses, every file is
+there with its recorded size and hash, the tensors load). With `fallback=True` (the default) a
+bad latest checkpoint is reported, naming the file and the fault, and the newest older one that
+verifies is used; never a silent partial load. `torch.load(weights_only=True)`: a checkpoint
+holds tensors and plain Python values only, never pickled code.
+
+For the crash-consistency soak: `SAGE_FAST_CHECKPOINT_WRITE_DELAY_S` (seconds, default 0) sleeps
+after each file written into the temporary folder, so that a kill lands inside a save on purpose.
 
 Leaves to others: what goes into the state (the trainer), gathering sharded (FSDP) state and
 other ranks' RNG states to the writer (the trainer, before `save`).
@@ -20,7 +32,9 @@ other ranks' RNG states to the writer (the trainer, before `save`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,9 +44,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+__all__ = ["CheckpointManager", "CheckpointError", "CheckpointSaveError", "capture_rng_state", "restore_rng_state",
+           "seed_process_rngs", "file_digest"]
+
+log = logging.getLogger("sage_fast.checkpoint")
 
 _PREFIX = "step_"
+_FILES = ("state.pt", "rng.pt")
+_DELAY_ENV = "SAGE_FAST_CHECKPOINT_WRITE_DELAY_S"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is incomplete, corrupt or does not fit the run (the message names the file)."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the previous one and `latest` are intact."""
 
 
 def capture_rng_state() -> dict:
@@ -47,6 +74,13 @@ def capture_rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_process_rngs(seed: int) -> None:
+    """Seed python's, numpy's and torch's process-wide generators (CUDA's too) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**63)
 
 
 def restore_rng_state(state: dict) -> None:
@@ -71,11 +105,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_file(obj, path: Path) -> None:
+def _save_file(obj, path: Path) -> dict:
+    """Write `obj` with torch.save, flushed to disk; returns its {"bytes", "sha256"}."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    record = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    return record
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CheckpointManager:
@@ -86,6 +135,7 @@ class CheckpointManager:
             raise ValueError(f"keep must be >= 1 (checkpoints kept on disk), got {keep}")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.last_loaded: Path | None = None  # the folder the last successful load() read
 
     def _name(self, step: int) -> str:
         return f"{_PREFIX}{step:08d}"
@@ -95,29 +145,42 @@ class CheckpointManager:
 
         state: tensors / plain values (model, optimizer, anchor, equalizer, KL, data position).
         rng_states: one `capture_rng_state()` per rank, in rank order.
+        Raises CheckpointSaveError (the previous checkpoint and `latest` intact) if writing fails.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / self._name(step)
         tmp = self.dir / f".tmp-{self._name(step)}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        _save_file(state, tmp / "state.pt")
-        _save_file(rng_states or [], tmp / "rng.pt")
-        with open(tmp / "meta.json", "w") as f:
-            json.dump({"step": step, "time": time.time(), **(meta or {})}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
-            shutil.rmtree(final)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            files = {"state.pt": _save_file(state, tmp / "state.pt"),
+                     "rng.pt": _save_file(rng_states or [], tmp / "rng.pt")}
+            with open(tmp / "meta.json", "w") as f:
+                json.dump({"step": step, "time": time.time(), **(meta or {}), "files": files}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSaveError(f"checkpoint {final} not written ({type(err).__name__}: {err}); the previous "
+                                      f"checkpoint and {self.dir / 'latest'} are unchanged") from err
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside in one rename
+            trash = self.dir / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, final)
         latest_tmp = self.dir / f".latest-{os.getpid()}"
-        latest_tmp.write_text(final.name)
-        with open(latest_tmp) as f:
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, self.dir / "latest")
-        _fsync_dir(self.dir)
+        try:
+            latest_tmp.write_text(final.name)
+            with open(latest_tmp) as f:
+                os.fsync(f.fileno())
+            os.replace(latest_tmp, self.dir / "latest")
+            _fsync_dir(self.dir)
+        except OSError as err:  # the checkpoint is complete; `latest` still names the previous one
+            latest_tmp.unlink(missing_ok=True)
+            raise CheckpointSaveError(f"checkpoint {final} written but {self.dir / 'latest'} not updated "
+                                      f"({type(err).__name__}: {err})") from err
         self._prune(keep_name=final.name)
         return final
 
@@ -133,8 +196,9 @@ class CheckpointManager:
         return dict(sorted(found.items()))
 
     def _prune(self, keep_name: str) -> None:
-        for stale in self.dir.glob(".tmp-*"):  # leftovers of crashed writers
-            shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (".tmp-*", ".trash-*"):  # leftovers of crashed writers
+            for stale in self.dir.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         complete = self._complete()
         for old in complete[:-self.keep]:
             if old.name != keep_name:
@@ -150,12 +214,66 @@ class CheckpointManager:
         complete = self._complete()
         return complete[-1] if complete else None
 
-    def load(self, path: Path | None = None, map_location="cpu") -> tuple[int, dict, list[dict]] | None:
-        """(step, state, rng_states) of `path` or of the latest checkpoint; None if there is none."""
-        path = path or self.latest()
-        if path is None:
+    def verify(self, path: Path) -> dict:
+        """meta.json of `path` if every file is there with its recorded size and SHA-256; raises
+        CheckpointError naming the first bad file otherwise. Checkpoints written before hashes
+        were recorded are checked for presence only."""
+        meta_path = Path(path) / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            int(meta["step"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{meta_path}: missing or unreadable ({type(err).__name__}: {err})") from err
+        records = meta.get("files") or {name: None for name in _FILES}
+        for name, record in records.items():
+            file = Path(path) / name
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing")
+            if record is None:
+                continue
+            size = file.stat().st_size
+            if size != record["bytes"]:
+                raise CheckpointError(f"{file}: {size} bytes, meta.json records {record['bytes']} (truncated?)")
+            if file_digest(file) != record["sha256"]:
+                raise CheckpointError(f"{file}: SHA-256 does not match meta.json (corrupted)")
+        return meta
+
+    def _read(self, path: Path, map_location) -> tuple[int, dict, list[dict]]:
+        meta = self.verify(path)
+        loaded = []
+        for name, where in (("state.pt", map_location), ("rng.pt", "cpu")):
+            try:
+                loaded.append(torch.load(path / name, map_location=where, weights_only=True))
+            except Exception as err:  # noqa: BLE001 - any unreadable file is a bad checkpoint
+                raise CheckpointError(f"{path / name}: cannot be loaded ({type(err).__name__}: {err})") from err
+        self.last_loaded = Path(path)
+        return int(meta["step"]), loaded[0], loaded[1]
+
+    def load(self, path: Path | None = None, map_location="cpu",
+             fallback: bool = True) -> tuple[int, dict, list[dict]] | None:
+        """(step, state, rng_states) of `path`, or of the latest checkpoint; None if there is none.
+
+        The checkpoint is verified first (see `verify`). A bad explicit `path` raises
+        CheckpointError. A bad latest checkpoint raises too unless `fallback`: then the newest
+        older checkpoint that verifies is loaded, with a warning naming what was wrong."""
+        if path is not None:
+            return self._read(Path(path), map_location)
+        first = self.latest()
+        if first is None:
             return None
-        meta = json.loads((path / "meta.json").read_text())
-        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-        return int(meta["step"]), state, rng
+        candidates = [first] + [p for p in reversed(self._complete()) if p != first and p.name < first.name]
+        faults = []
+        for candidate in candidates:
+            try:
+                loaded = self._read(candidate, map_location)
+            except CheckpointError as err:
+                if not fallback:
+                    raise CheckpointError(f"{err} (run.resume_fallback=false: not falling back to an older "
+                                          "checkpoint)") from err
+                faults.append(str(err))
+                log.warning("checkpoint %s is unusable: %s", candidate.name, err)
+                continue
+            if faults:
+                log.warning("resuming from the older checkpoint %s instead", candidate.name)
+            return loaded
+        raise CheckpointError("no usable checkpoint in " + str(self.dir) + ": " + "; ".join(faults))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -100,9 +101,18 @@ class MetricsWriter:
         """Drop records of iterations > `iteration` (they are redone after a resume)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # a line torn by a kill mid-write: it belongs to an iteration that is redone
+                log.warning("metrics.jsonl: dropping a partial line (%d characters) written before a crash", len(line))
+                continue
+            if record is not None and record.get("iteration", 0) <= iteration:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")  # atomic: a kill now must not lose the file
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict, kind: str = "train") -> None:
         if not self.enabled:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RewardResult", "held_out_prompts", "WorldTask", "HunyuanVideo15Task", "build_task"]
+__all__ = ["RewardResult", "failed_reward", "held_out_prompts", "WorldTask", "HunyuanVideo15Task", "build_task"]
 
 log = logging.getLogger("sage_fast.task")
 
@@ -31,9 +31,10 @@ class RewardResult:
     total_b: torch.Tensor  # [B] float32, NaN = failed
     scores: dict[str, torch.Tensor]  # name -> [B]
     error: str | None = None  # why the whole batch failed, if it did
+    timed_out: bool = False  # the batch exceeded task.reward_timeout_s (sage_fast.reward_worker)
 
 
-def _failed_reward(batch: int, err: Exception) -> RewardResult:
+def failed_reward(batch: int, err: Exception) -> RewardResult:
     """The whole batch's reward failed: NaN rows (excluded from the advantages) and the error."""
     log.warning("reward failed for the whole batch: %s: %s", type(err).__name__, err)
     return RewardResult(total_b=torch.full((batch,), float("nan")), scores={}, error=f"{type(err).__name__}: {err}")
@@ -136,7 +137,7 @@ class WorldTask:
             out = self.reward_fn(video_bcfhw, list(prompt_list))
             return RewardResult(total_b=out.total.float(), scores={k: v.float() for k, v in out.scores.items()})
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
-            return _failed_reward(video_bcfhw.shape[0], err)
+            return failed_reward(video_bcfhw.shape[0], err)
 
     def manifold_distance(self, video_bcfhw: torch.Tensor) -> torch.Tensor | None:
         from sage_fast import world  # noqa: PLC0415
@@ -215,7 +216,7 @@ class HunyuanVideo15Task:
         except RewardConfigError:
             raise  # a configuration mistake: stop now rather than score every batch NaN
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
-            return _failed_reward(video_bcfhw.shape[0], err)
+            return failed_reward(video_bcfhw.shape[0], err)
 
     def manifold_distance(self, video_bcfhw: torch.Tensor) -> None:
         return None

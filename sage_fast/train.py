@@ -11,6 +11,17 @@ Before any work: the config is validated (errors name the field and the allowed 
 the run folder is checked: an existing run is never overwritten without `--resume` or
 `--overwrite`, and `--resume` needs a checkpoint there. The resolved config is saved as
 `config.json` in the run folder.
+
+On a cluster: a signal of `run.preempt_signals` (default SIGTERM and SIGUSR1, what SLURM sends
+before a kill) lets the current iteration finish; every rank agrees, a checkpoint is written and
+the run exits with code 75; `--resume` continues exactly. Exit codes:
+
+    0   done                     2   bad config or run folder (one line on stderr)
+    3   too many non-finite updates (run.max_nonfinite)
+    4   the final export failed (the checkpoints hold the policy)
+    5   a checkpoint could not be written (run.on_save_error=stop); the previous one is intact
+    6   no usable checkpoint to resume from (every one corrupt or not fitting the config)
+    75  stopped by a preemption signal after saving (EX_TEMPFAIL: run it again with --resume)
 """
 
 from __future__ import annotations
@@ -20,14 +31,41 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_config", "prepare_run_dir"]
+__all__ = ["main", "build_config", "prepare_run_dir", "Preemption", "EXIT_PREEMPTED", "EXIT_SAVE_FAILED"]
 
 log = logging.getLogger("sage_fast.train")
+
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_EXPORT, EXIT_SAVE_FAILED, EXIT_NO_CHECKPOINT = 2, 3, 4, 5, 6
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (with --resume)
+
+
+class Preemption:
+    """Catches `run.preempt_signals`; `requested` names the first signal received (None before).
+
+    The handler only records the signal: the loop checks it between iterations, so a checkpoint is
+    never written from inside a signal handler or half-way through an update."""
+
+    def __init__(self, numbers: list[int]) -> None:
+        self.requested: str | None = None
+        self._previous = {}
+        for number in numbers:
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, _frame) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(number).name
+            log.warning("%s received: stopping after the current iteration with a checkpoint", self.requested)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 def build_config(argv: list[str]):
@@ -71,8 +109,12 @@ def prepare_run_dir(cfg, rank: int = 0, barrier=None) -> Path:
         if CheckpointManager(out).latest() is None:
             raise ValueError(f"run.resume: no checkpoint in {out}/checkpoints to resume from")
         saved = out / "config.json"
-        if saved.exists():
-            before = json.loads(saved.read_text())
+        try:
+            before = json.loads(saved.read_text()) if saved.exists() else None
+        except ValueError:  # torn by a kill while it was rewritten: rewritten below
+            log.warning("%s is unreadable; rewriting it from this config", saved)
+            before = None
+        if before is not None:
             now = C.to_dict(cfg)
             changed = [k for k in now if k != "run" and before.get(k) != json.loads(json.dumps(now[k]))]
             if changed:
@@ -86,7 +128,9 @@ def prepare_run_dir(cfg, rank: int = 0, barrier=None) -> Path:
         if exists and not cfg.run.resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
+        tmp = out / "config.json.tmp"  # atomic: a kill mid-write must not leave a torn config.json
+        tmp.write_text(json.dumps(C.to_dict(cfg), indent=1))
+        os.replace(tmp, out / "config.json")
     if barrier is not None:
         barrier()  # the folder exists for every rank
     return out
@@ -112,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, recipe_name = build_config(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         print(f"sage_fast.train: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = _device(cfg, local_rank)
@@ -128,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             out = prepare_run_dir(cfg, rank, barrier)
         except ValueError as err:  # every rank saw the same folder, so every rank stops here
             print(f"sage_fast.train: {err}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         return _run(cfg, out, rank, world, group, device, recipe_name)
     finally:
         if world > 1:
@@ -143,10 +187,26 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
                                   to_uint8)
     from sage_fast.trainer import Trainer  # noqa: PLC0415
 
+    from sage_fast.checkpoint import CheckpointError, CheckpointSaveError  # noqa: PLC0415
+    from sage_fast.train_config import preempt_signal_numbers  # noqa: PLC0415
+
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=rank == 0)
-    trainer = Trainer(cfg, rank=rank, world_size=world, group=group, device=device, writer=writer)
+    try:
+        trainer = Trainer(cfg, rank=rank, world_size=world, group=group, device=device, writer=writer)
+    except ValueError as err:  # a setting the config alone could not check (e.g. against the model)
+        writer.close()
+        if rank == 0 and not cfg.run.resume:  # the folder this start created holds no run: leave none
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"sage_fast.train: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     if cfg.run.resume:
-        trainer.resume()
+        try:
+            trainer.resume()
+        except CheckpointError as err:
+            writer.close()
+            trainer.close()
+            print(f"sage_fast.train: cannot resume: {err}", file=sys.stderr)
+            return EXIT_NO_CHECKPOINT
         writer.truncate_after(trainer.iteration)
     log.info("recipe %s, %d rank(s), device %s, run folder %s, iterations %d -> %d", recipe_name, world, device,
              out, trainer.iteration, cfg.run.steps)
@@ -181,9 +241,21 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             progress = tqdm(total=cfg.run.steps, initial=trainer.iteration, desc="grpo", dynamic_ncols=True)
         except ImportError:
             progress = None
-    if not trainer.history:
-        evaluate()
+    def save() -> bool:
+        """A checkpoint of this iteration; False if it failed and run.on_save_error=continue."""
+        try:
+            trainer.save()
+            return True
+        except CheckpointSaveError as err:
+            if cfg.run.on_save_error == "stop":
+                raise
+            log.error("%s; continuing (run.on_save_error=continue): the next save retries", err)
+            return False
+
+    preemption = Preemption(preempt_signal_numbers(cfg.run.preempt_signals))
     try:
+        if not trainer.history:
+            evaluate()
         while trainer.iteration < cfg.run.steps:
             metrics = trainer.step()
             writer.write(metrics)
@@ -194,12 +266,24 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             it = trainer.iteration
             if it % cfg.run.eval_every == 0 or it == cfg.run.steps:
                 evaluate()
-            if it % cfg.run.save_every == 0 or it == cfg.run.steps:
-                trainer.save()
+            saved = (it % cfg.run.save_every == 0 or it == cfg.run.steps) and save()
+            # every rank agrees, so no rank waits in a collective for one that has left
+            if trainer.any_rank(preemption.requested is not None):
+                if not saved:
+                    trainer.save()
+                log.warning("stopped at iteration %d by %s: checkpoint %s written; continue with --resume "
+                            "(exit code %d)", it, preemption.requested or "a signal on another rank",
+                            trainer.ckpt.latest(), EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
     except FloatingPointError as err:
         log.error("%s", err)
-        return 3
+        return EXIT_NONFINITE
+    except CheckpointSaveError as err:
+        log.error("%s; stopping (run.on_save_error=stop; 'continue' retries at the next save instead)", err)
+        return EXIT_SAVE_FAILED
     finally:
+        preemption.restore()
+        trainer.close()
         if progress is not None:
             progress.close()
         writer.close()
@@ -229,7 +313,7 @@ def _run(cfg, out: Path, rank: int, world: int, group, device, recipe_name: str)
             except Exception as err:  # noqa: BLE001 - the checkpoints hold the policy: export it later
                 log.error("final model not exported (%s: %s); export it with `python -m sage_fast.export %s OUT`",
                           type(err).__name__, err, out)
-                return 4
+                return EXIT_EXPORT
     return 0
 
 

@@ -19,6 +19,7 @@ pipeline, the paper's settings, for GPU clusters). Any field can be overridden a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,24 @@ DP_STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2")
 TASK_KINDS = ("world", "hunyuanvideo15")
 GROUP_NOISE = ("independent", "shared")
 PIPELINE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+ON_SAVE_ERROR = ("stop", "continue")
+
+
+def preempt_signal_numbers(text: str) -> list[int]:
+    """run.preempt_signals ('SIGTERM,SIGUSR1') as signal numbers; an unknown or uncatchable name is an error."""
+    import signal  # noqa: PLC0415
+
+    out = []
+    for name in (n.strip().upper() for n in text.split(",") if n.strip()):
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+            raise ValueError(f"run.preempt_signals: {name!r} is not a signal a process can catch (e.g. SIGTERM, "
+                             "SIGUSR1, SIGUSR2, SIGINT; '' for none)")
+        out.append(int(sig))
+    return out
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -76,9 +95,18 @@ class RunConfig:
     """torch CPU threads per process (0: torch's default)."""
     export_final: bool = True
     """At the end, export the trained policy to <run>/final_model (LoRA merged, plus the adapter; sage_fast.export)."""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop the run after the current iteration with a checkpoint, exit code 75 (comma-separated; '' = none)."""
+    resume_fallback: bool = True
+    """On resume, a corrupt or incomplete latest checkpoint is reported and the newest good older one used (false: stop)."""
+    on_save_error: str = "stop"
+    """A checkpoint that cannot be written (disk full, unwritable): 'stop' (exit code 5) or 'continue' (retry at the next save)."""
 
     def __post_init__(self):
         _positive_int("run.steps", self.steps)
+        preempt_signal_numbers(self.preempt_signals)  # validates the names
+        if self.on_save_error not in ON_SAVE_ERROR:
+            raise ValueError(f"run.on_save_error must be one of {ON_SAVE_ERROR}, got {self.on_save_error!r}")
         for name in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite"):
             _positive_int(f"run.{name}", getattr(self, name))
         if self.device not in ("auto", "cpu", "cuda"):
@@ -125,10 +153,17 @@ class WorldConfig:
 class TaskConfig:
     kind: str = "world"
     """'world' (the synthetic world, section `world`) or 'hunyuanvideo15' (section `video`)."""
+    reward_timeout_s: float = 0.0
+    """Seconds a batch's reward may take; > 0 runs the reward in a worker process that is killed past it
+    (the batch's samples then count as failed rewards and the run goes on). 0 = in process, no limit."""
 
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if not (isinstance(self.reward_timeout_s, (int, float)) and math.isfinite(self.reward_timeout_s)
+                and self.reward_timeout_s >= 0):
+            raise ValueError(f"task.reward_timeout_s must be a number of seconds >= 0 (0 = no limit), "
+                             f"got {self.reward_timeout_s!r}")
 
 
 @dataclass

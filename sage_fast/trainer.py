@@ -24,12 +24,14 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from sage_fast.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from sage_fast.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, capture_rng_state,
+                                  restore_rng_state, seed_process_rngs)
 from sage_fast.grpo.advantages import group_advantages
 from sage_fast.grpo.anchor import Anchor
 from sage_fast.grpo.equalizer import TemporalEqualizer
@@ -39,6 +41,7 @@ from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig, epoch_seed
 from sage_fast.kernels import sde_logprob
 from sage_fast.metrics import MetricsWriter, PhaseTimer, PerStepStats
 from sage_fast.models import Conditioning, TextEmbeddings, build_velocity_model
+from sage_fast.reward_worker import TimedReward
 from sage_fast.task import build_task
 
 __all__ = ["Trainer", "select_conditioning", "derive_seed", "build_policy_model"]
@@ -92,6 +95,9 @@ class Trainer:
         data axis has world_size / S ranks, and gradients are averaged over all ranks."""
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.group = group if group is not None or world_size == 1 else dist.group.WORLD
+        # the process-wide RNGs start from the run's seed (per rank): every random draw of the process,
+        # not only the explicitly seeded ones, is then reproducible, and a resume restores them exactly
+        seed_process_rngs(derive_seed(cfg.run.seed, "process", rank))
         self.device = torch.device(device)
         g, sp = cfg.grpo, cfg.dist.sp
         if world_size % sp:
@@ -170,6 +176,9 @@ class Trainer:
         self.kl = KLController(g.beta_schedule, g.beta, warmup_beta=g.beta_warmup, warmup_steps=g.beta_warmup_steps,
                                target=g.kl_target)
         self.ckpt = CheckpointManager(cfg.run.output_dir, keep=cfg.run.keep_checkpoints)
+        # the task's reward, in a worker process with a time limit when task.reward_timeout_s > 0
+        self.timed_reward = TimedReward(_TaskReward(self.task), cfg.task.reward_timeout_s) \
+            if cfg.task.reward_timeout_s else None
         self.writer = writer
         self.iteration = 0
         self.nonfinite_streak = 0
@@ -242,7 +251,7 @@ class Trainer:
         with timer("decode"):
             video = self.task.decode(traj.final)
         with timer("reward"):
-            reward = self.task.reward(video, local_prompts)
+            reward = self.reward(video, local_prompts)
         with timer("advantages"):
             adv = group_advantages(reward.total_b, group_ids, clip=g.adv_clip, std_scope=g.adv_std,
                                    process_group=self.dp_group if self.dp_size > 1 else None)
@@ -398,8 +407,8 @@ class Trainer:
     def _iteration_metrics(self, it, reward, adv, losses, update_info, stats, timer) -> dict:
         total = reward.total_b
         finite = torch.isfinite(total)
-        sums = torch.tensor([float(total[finite].sum()), float(finite.sum()), float((~finite).sum())],
-                            dtype=torch.float64)
+        sums = torch.tensor([float(total[finite].sum()), float(finite.sum()), float((~finite).sum()),
+                             float(total.numel() if reward.timed_out else 0)], dtype=torch.float64)
         self._all_reduce(sums)
         dims = {}
         names = sorted(reward.scores)
@@ -418,6 +427,7 @@ class Trainer:
             "reward/mean": float(sums[0] / sums[1].clamp(min=1)),
             **dims,
             "reward/failed": int(sums[2]),
+            "reward/timed_out": int(sums[3]),
             "adv/abs_mean": float(adv.adv_b.abs().mean()),
             "loss": losses[-1]["loss"], "policy": losses[-1]["policy"], "kl/anchor": losses[-1]["kl_anchor"],
             "kl/step": losses[-1]["kl_step"], "clip_frac": losses[-1]["clip_frac"],
@@ -451,7 +461,7 @@ class Trainer:
         shape = (len(prompts),) + tuple(self.task.latent_shape)
         traj = self.eval_engine.sample(cond, shape, seed=derive_seed(self.cfg.run.seed, "eval"), device=self.device)
         video = self.task.decode(traj.final)
-        reward = self.task.reward(video, prompts)
+        reward = self.reward(video, prompts)
         out = {"iteration": self.iteration, "eval_key": self.eval_key(), "eval/reward": float(reward.total_b.nanmean())}
         out.update({f"eval/{k}": float(v.nanmean()) for k, v in reward.scores.items()})
         # per prompt (the same prompts and noise every time): the paired verdict reads these
@@ -525,7 +535,17 @@ class Trainer:
             state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
         return state
 
-    def save(self) -> None:
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (a collective: every rank calls it)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def save(self) -> Path:
+        """Checkpoint the current iteration (every rank calls it). Raises CheckpointSaveError on every
+        rank when rank 0 could not write it; the previous checkpoint stays the latest."""
         rng = capture_rng_state()
         # a collective under FSDP2 (full tensors) and DeepSpeed (optimizer partitions)
         state = self.state_dict() if (self.fsdp or self.ds is not None or self.rank == 0) else None
@@ -534,22 +554,54 @@ class Trainer:
             dist.all_gather_object(gathered, rng, group=self.group)
         else:
             gathered = [rng]
+        error, path = None, self.ckpt.dir / f"step_{self.iteration:08d}"
         if self.rank == 0:
-            self.ckpt.save(self.iteration, state, gathered, meta={"world_size": self.world,
-                                                                  "strategy": self.cfg.dist.strategy})
-        if self.world > 1:
-            dist.barrier(group=self.group)
+            try:
+                path = self.ckpt.save(self.iteration, state, gathered,
+                                      meta={"world_size": self.world, "strategy": self.cfg.dist.strategy})
+            except CheckpointSaveError as err:
+                error = err
+        if self.any_rank(error is not None):  # every rank learns that rank 0's write failed
+            raise error or CheckpointSaveError(f"checkpoint {path} not written on rank 0 (see its log)")
+        return path
 
     def resume(self) -> bool:
-        loaded = self.ckpt.load(map_location=self.device)
+        """Load the latest good checkpoint (run.resume_fallback: skipping a corrupt latest one)."""
+        loaded = self.ckpt.load(map_location=self.device, fallback=self.cfg.run.resume_fallback)
         if loaded is None:
             return False
         _, state, rngs = loaded
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{self.ckpt.last_loaded / 'state.pt'} does not fit this run's model and config "
+                                  f"({type(err).__name__}: {err}); resume with the config it was written with "
+                                  "(the run folder's config.json)") from err
         if len(rngs) == self.world:
             restore_rng_state(rngs[self.rank])
-        log.info("resumed from iteration %d", self.iteration)
+        log.info("resumed from iteration %d (%s)", self.iteration, self.ckpt.last_loaded)
         return True
+
+    def reward(self, video_bcfhw: torch.Tensor, prompts: list[str]):
+        """The task's reward of a batch (a RewardResult; failed rows NaN), within task.reward_timeout_s."""
+        if self.timed_reward is None:
+            return self.task.reward(video_bcfhw, prompts)
+        return self.timed_reward(video_bcfhw, prompts)
+
+    def close(self) -> None:
+        """Stop helper processes (the reward worker)."""
+        if self.timed_reward is not None:
+            self.timed_reward.close()
+
+
+class _TaskReward:
+    """`task.reward` looked up at call time (picklable when the task is, for a spawned worker)."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def __call__(self, video_bcfhw, prompts):
+        return self.task.reward(video_bcfhw, prompts)
 
 
 def _deepspeed_zero2(model, optimizer, grad_clip, device):

@@ -61,7 +61,7 @@ class MicroConfig:
     """Philox seed of the initial and step noise (common to every cell)."""
     grad_prompts: int = 4
     """Prompts of the parameter-gradient measurement (per type, at grad_eta)."""
-    grad_group: int = 4
+    grad_group: int = 2
     """Samples per prompt there."""
     grad_eta: float = 0.5
     """Noise level of the gradient measurement (the recipe's)."""
@@ -322,14 +322,22 @@ def run_micro(cfg: MicroConfig, setup: MicroSetup | None = None, show_progress: 
         raise ValueError(f"prompts={cfg.prompts} but the world holds out only {len(prompts)}")
     n = setup.sampler.num_steps
     grad_cost = cfg.grad_prompts * cfg.grad_group  # one backward per sample and step ~ one rollout sample
-    work = (len(cfg.types) * len(cfg.etas) + 1) * cfg.prompts * cfg.group + len(cfg.types) * n * grad_cost
+    work = len(cfg.types) * len(cfg.etas) * cfg.prompts * cfg.group + len(cfg.types) * n * grad_cost
     bar = Progress(work, stream=sys.stderr if show_progress else _Null())
     bar.label = "ODE reference"
     ode = ode_reference(setup, prompts, cfg.group, cfg.seed)
-    bar.label = "ODE (eta 0)"
-    ode_cell = rollout_cell(setup, "sage_grpo", 0.0, prompts, cfg.group, cfg.seed, ode=ode, chunk=cfg.chunk,
-                            progress=bar)
-    ode_cell["sde_type"] = "ode"
+    # the ODE cell: its G samples per prompt are one deterministic path from one noise (equal bit for
+    # bit, so exploration 0: tests/test_paper_micro.py rolls them out and checks it), scored once
+    video = ode["video"]
+    scores = setup.task.reward(video, prompts)
+    if scores.error is not None:
+        raise RuntimeError(f"the world's reward failed: {scores.error}")
+    ode_cell = {"sde_type": "ode", "eta": 0.0, "group": cfg.group, "prompts": cfg.prompts,
+                "exploration": [0.0] * cfg.prompts, "reward": scores.total_b.tolist(),
+                "manifold": setup.task.manifold_distance(video).float().tolist(), "step_distance": [0.0] * (n + 1),
+                "c": [0.0] * n, "stochastic_steps": [], "grad_norm": [0.0] * n, "grad_norm_analytic": [0.0] * n}
+    for k in ("vq", "mq", "ta"):
+        ode_cell[k] = scores.scores[k].tolist()
     cells = []
     for sde_type in cfg.types:
         for eta in cfg.etas:
