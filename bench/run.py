@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from sage_fast.grpo import schedule
 from sage_fast.kernels import dispatch, pack_coefficients, pack_rng, reference
+from sage_fast.provenance import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 # SPEC section 7: latent per sample [C, T, H, W] for 81 frames
@@ -204,26 +204,13 @@ def bench_case(size, shape, dtype_name, sde_type, device, names, warmup, repeats
 
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=False).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
+    commit, dirty = git_commit()
     if commit == "unknown":  # a copy of the tree without .git (the GPU machine): the caller says
         commit = os.environ.get("SAGE_FAST_COMMIT", "unknown")
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    hardware = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        hardware = cpu_name()
         hardware += f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
     try:
         import triton

@@ -267,12 +267,6 @@ def parameter_gradient_norms(setup: MicroSetup, sde_type: str, eta: float, promp
             "parameters": sum(p.numel() for p in params)}
 
 
-def _mean_se(values) -> tuple[float, float]:
-    x = torch.tensor(values, dtype=torch.float64)
-    se = float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
-    return float(x.mean()), se
-
-
 def matched_exploration(cells: list[dict], target: float, key: str = "manifold") -> dict | None:
     """Per-prompt `key` of one type's cells interpolated (linearly in mean exploration, between the
     two noise levels that bracket `target`, the ODE at exploration 0 included) to `target`.

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import subprocess
 from pathlib import Path
+
+from sage_fast.provenance import cpu_name, git_commit
 
 from .micro import matched_exploration
 
@@ -27,29 +27,16 @@ COLOURS = {"sage_grpo": "tab:blue", "flow_grpo": "tab:orange", "dance_grpo": "ta
 
 
 def machine_line() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch  # noqa: PLC0415
 
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def commit_line() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    sha, dirty = git_commit()
+    if sha == "unknown":
         return "unknown (not a git checkout)"
+    return sha + (" (with uncommitted changes)" if dirty else "")
 
 
 def _mean_se(values) -> tuple[float, float]:
