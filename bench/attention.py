@@ -6,8 +6,9 @@
 Per backend that can run here (fa3, fa2, xformers, sdpa): median and spread of the forward
 time (no grad, CFG batch of 2 = cond + uncond of one sample by default), TFLOP/s from an
 analytic FLOP count, the fraction of the measured bf16 matmul peak, and peak memory. One JSON
-file under bench/results/ names the device, versions and the git commit. Nothing is
-estimated that was not measured: a backend that cannot run is listed with the reason.
+file under bench/results/ (bench/harness.py's schema) names the device, versions and the git
+commit. Nothing is estimated that was not measured: a backend that cannot run is a row with
+the reason in `skipped` and no numbers.
 
 FLOPs per forward (multiply-add = 2): every nn.Linear / Conv3d at its token count, plus
 attention 4 * B * H * S_total^2 * D per double-stream block (QK^T and PV), S_total = video +
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from sage_fast.attention import BACKENDS, install_attention, missing_reason  # noqa: E402
 from sage_fast.models import VelocityModel, build_transformer, random_conditioning  # noqa: E402
+
+from harness import environment, time_fn, timing_stats, write_json  # noqa: E402  (bench/harness.py)
 
 
 def linear_flops(model, batch, video_tokens, text_tokens, text2_tokens, image_tokens):
@@ -63,23 +64,13 @@ def attention_flops(cfg, batch, total_tokens):
 
 
 def matmul_peak(device, dtype, n=8192, iters=20):
+    """Measured n x n matmul FLOP/s: total FLOPs of `iters` products over their summed time."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+    times = time_fn(lambda: a @ b, device, 3, iters)
+    return 2 * n ** 3 * iters / sum(times)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="hunyuanvideo15")
     p.add_argument("--device", default="cuda")
@@ -91,7 +82,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backends", nargs="*", default=["fa3", "fa2", "xformers", "sdpa"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -112,50 +103,33 @@ def main():
     peak = matmul_peak(device, dtype) if device.type == "cuda" else None
     vm = VelocityModel(model, autocast_dtype=None)
 
-    results = []
+    rows = []
     for name in args.backends:
         why = missing_reason(name, device) if name in BACKENDS else f"unknown backend {name!r}"
+        row = dict(backend=name, skipped=why, median_ms=None, min_ms=None, max_ms=None, tflops=None,
+                   frac_of_matmul_peak=None, peak_mem_gib=None)
+        rows.append(row)
         if why is not None:
-            results.append({"backend": name, "skipped": why})
             continue
         install_attention(model, name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
         with torch.no_grad():
-            for i in range(args.warmup + args.iters):
-                _sync(device)
-                t0 = time.perf_counter()
-                vm.velocity(latents, 500.0, cond, args.cfg)
-                _sync(device)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
+            times = time_fn(lambda: vm.velocity(latents, 500.0, cond, args.cfg), device, args.warmup, args.iters)
         med = statistics.median(times)
-        row = {"backend": name, "median_s": med, "min_s": min(times), "max_s": max(times),
-               "tflops": flops / med / 1e12}
+        row.update(timing_stats(times), tflops=flops / med / 1e12)
         if peak:
             row["frac_of_matmul_peak"] = flops / med / peak
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        results.append(row)
         print(json.dumps(row), flush=True)
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
-        "arch": args.arch, "latent_thw": [T, H, W], "video_tokens": video, "text_tokens": text,
-        "batch": batch, "dtype": str(dtype), "flops_per_forward": flops,
-        "matmul_peak_tflops": None if peak is None else peak / 1e12,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    setup = dict(arch=args.arch, latent_thw=[T, H, W], video_tokens=video, text_tokens=text, batch=batch,
+                 dtype=str(dtype), cfg=args.cfg, flops_per_forward=flops,
+                 matmul_peak_tflops=None if peak is None else peak / 1e12, warmup=args.warmup, repeats=args.iters)
     stamp = time.strftime("%Y-%m-%d")
-    path = out / f"attention-{device.type}-{args.arch}-{stamp}.json"
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    path = write_json(Path(args.out) / f"attention-{device.type}-{args.arch}-{stamp}.json", "attention",
+                      environment(device), setup, rows)
     print(f"wrote {path}")
 
 

@@ -5,7 +5,7 @@
 Takes M independent batch gradients of the recipe (iterations 1000, 1001, ...: independent
 rollouts of the same prompt distribution) at the base parameters, without an update: the
 trainer's own rollout, reward, advantages, trained pairs and backward (`Trainer.rollout`,
-`_choose_pairs`, `_train_pass`). From them, with B samples a batch:
+`grpo.data.trained_pairs`, `Trainer._train_pass`). From them, with B samples a batch:
 
     |mu|^2   = (|sum_i g_i|^2 - sum_i |g_i|^2) / (M (M - 1))        unbiased signal
     noise    = mean_i |g_i|^2 - |mu|^2                             one batch's noise trace
@@ -22,7 +22,6 @@ $SNR_OUT (default: the system's temporary folder / sage_fast_snr).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -33,16 +32,17 @@ import torch
 
 def batch_gradient(trainer, it: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat float64 gradient, rewards [B]) of iteration `it` at the trainer's current parameters."""
+    from sage_fast.grpo.data import trained_pairs  # noqa: PLC0415
     from sage_fast.metrics import PerStepStats  # noqa: PLC0415
 
     trainer.iteration = it
-    traj, cond, reward, adv = trainer.rollout(it)
-    pairs = trainer._choose_pairs(it, adv.valid_b)
-    trainer._train_pass(traj, cond, adv, pairs, None, PerStepStats(trainer.cfg.sampler.num_steps), 0)
+    batch = trainer.rollout(it)
+    pairs = trained_pairs(trainer.cfg.run.seed, it, trainer.layout, trainer.trainable_steps, trainer.k_steps)
+    trainer._train_pass(batch, pairs, None, PerStepStats(trainer.cfg.sampler.num_steps))
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
                       for _, p in trainer.trainable])
     trainer.optimizer.zero_grad(set_to_none=True)
-    return grad, reward.total_b
+    return grad, batch.reward.total_b
 
 
 def snr_stats(grads: torch.Tensor, batch: int) -> dict:

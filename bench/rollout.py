@@ -2,18 +2,17 @@
 
     python bench/rollout.py [--device cuda] [--batch 8] [--steps 10] [--repeats 5]
 
-Prints and writes bench/results/rollout-<device>-<date>.json: seconds per rollout (median,
-min, max) and samples/s for each mode, and whether graph replay equals eager bitwise.
+Prints and writes bench/results/rollout-<device>-<date>.json (bench/harness.py's schema): a row
+per mode with the time per rollout (median, min, max; one warm-up rollout first), samples/s, the
+speedup over eager and, for the graph, whether its last rollout equals eager's bitwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,10 @@ import torch
 from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig
 from sage_fast.models import VelocityModelConfig, build_velocity_model, random_conditioning
 
+from harness import environment, time_fn, timing_stats, write_json  # bench/harness.py
+
 ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 1  # rollouts before the timed ones (the CUDA graph path captures on every rollout)
 
 
 def main(argv=None) -> int:
@@ -43,34 +45,30 @@ def main(argv=None) -> int:
     modes = {"eager": RolloutEngine(model.velocity, sampler, cuda_graph=False)}
     if device.type == "cuda":
         modes["cuda_graph"] = RolloutEngine(model.velocity, sampler, cuda_graph=True)
-    results, trajs = {}, {}
+    rows, trajs = {}, {}  # by mode
     for name, engine in modes.items():
-        engine.sample(cond, shape, seed=1, device=device)  # warm up
-        times = []
-        for r in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trajs[name] = engine.sample(cond, shape, seed=100 + r, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        seeds = iter([1, *range(100, 100 + args.repeats)])  # the warm-up rollout's seed, then one a repeat
+
+        def rollout(engine=engine, name=name, seeds=seeds):
+            trajs[name] = engine.sample(cond, shape, seed=next(seeds), device=device)
+
+        times = time_fn(rollout, device, WARMUP, args.repeats)
         med = statistics.median(times)
-        results[name] = {"median_s": med, "min_s": min(times), "max_s": max(times),
-                         "samples_per_s": args.batch / med, "graph_error": getattr(engine, "graph_error", None)}
+        rows[name] = dict(mode=name, **timing_stats(times), samples_per_s=args.batch / med, speedup_vs_eager=None,
+                          equals_eager_bitwise=None, graph_error=getattr(engine, "graph_error", None))
         print(f"{name:10s} {med * 1e3:9.2f} ms per rollout ({args.batch / med:8.1f} samples/s)", flush=True)
+    for row in rows.values():
+        row["speedup_vs_eager"] = rows["eager"]["median_ms"] / row["median_ms"]
     if "cuda_graph" in trajs:
         same = torch.equal(trajs["cuda_graph"].latents, trajs["eager"].latents) and \
             torch.equal(trajs["cuda_graph"].logp_old, trajs["eager"].logp_old)
-        results["graph_equals_eager_bitwise"] = same
-        results["speedup"] = results["eager"]["median_s"] / results["cuda_graph"]["median_s"]
-        print(f"graph == eager bitwise: {same}; speedup {results['speedup']:.2f}x")
+        rows["cuda_graph"]["equals_eager_bitwise"] = same
+        print(f"graph == eager bitwise: {same}; speedup {rows['cuda_graph']['speedup_vs_eager']:.2f}x")
+    env = environment(device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"rollout-{hardware.replace(' ', '_')}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "batch": args.batch,
-                                "steps": args.steps, "shape": list(shape), "results": results}, indent=1))
+    path = Path(args.out) / f"rollout-{hardware.replace(' ', '_')}-{dt.date.today().isoformat()}.json"
+    write_json(path, "rollout", env, dict(batch=args.batch, steps=args.steps, shape=list(shape), warmup=WARMUP,
+                                          repeats=args.repeats), list(rows.values()))
     print(f"wrote {path}")
     return 0
 

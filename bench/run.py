@@ -15,8 +15,8 @@ functions), `fused` (the engine's fused op for the device: the Triton kernels on
 op sage_fast._C on CPU; Triton runs on CPUs only in its interpreter, which is no speed), and
 on CUDA `twin` (the CUDA twin of the C++ op, when built).
 
-Results go to bench/results/ as JSON + CSV + a markdown table, named by device and date, with
-the hardware, versions, commit and command line.
+Results go to bench/results/ as JSON (bench/harness.py's schema) + CSV + a markdown table,
+named by device and date, with the hardware, versions, commit and command line.
 """
 
 from __future__ import annotations
@@ -25,61 +25,31 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from sage_fast.grpo import schedule
 from sage_fast.kernels import dispatch, pack_coefficients, pack_rng, reference
-from sage_fast.provenance import cpu_name, git_commit
+
+from harness import environment, synchronize, time_fn, timing_stats, write_json  # bench/harness.py
 
 ROOT = Path(__file__).resolve().parent.parent
-# SPEC section 7: latent per sample [C, T, H, W] for 81 frames
+# docs/SPEC.md section 7: latent per sample [C, T, H, W] for 81 frames
 SIZES = {
     "authors": (32, 21, 22, 39),  # 352x624, the authors' training size
     "480p": (32, 21, 30, 53),
     "720p": (32, 21, 45, 80),
     "tiny": (4, 5, 6, 7),  # --quick
 }
-TYPES = ("sage_grpo", "flow_grpo", "dance_grpo", "cps")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------
-# timing
+# timing: time_fn in bench/harness.py; the peak it is compared with
 # ------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call, one sample per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
@@ -107,7 +77,7 @@ def make_case(sde_type, shape, dtype, device, seed=0):
                 coef=pack_coefficients(a, b, c, x), rng=pack_rng(seed, 0, x.device))
 
 
-def _train_fn(logprob, case, sde_type):
+def _train_fn(logprob, case):
     v = case["v"].detach().requires_grad_()
 
     def run():
@@ -125,7 +95,7 @@ def providers(case, sde_type, device, names):
     if "eager" in names:
         out["eager"] = (
             lambda: reference.step_math(x, v, *abc, noise, sde_type, "mean"),
-            _train_fn(lambda v_: reference.logprob_math(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
+            _train_fn(lambda v_: reference.logprob_math(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case),
             4,
             None,
         )
@@ -134,7 +104,7 @@ def providers(case, sde_type, device, names):
         lp_c = torch.compile(reference.logprob_math, fullgraph=True)
         out["compile"] = (
             lambda: step_c(x, v, *abc, noise, sde_type, "mean"),
-            _train_fn(lambda v_: lp_c(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case, sde_type),
+            _train_fn(lambda v_: lp_c(x, v_, x_next, *abc, v_ref, sde_type, "mean"), case),
             4,
             None,
         )
@@ -148,7 +118,7 @@ def providers(case, sde_type, device, names):
         ops = torch.ops.sage_fast
         out[name] = (
             lambda: ops.sde_step(x, v, coef, noise, None, sde_type, "mean"),
-            _train_fn(lambda v_: ops.sde_logprob(x, v_, x_next, coef, v_ref, sde_type, "mean"), case, sde_type),
+            _train_fn(lambda v_: ops.sde_logprob(x, v_, x_next, coef, v_ref, sde_type, "mean"), case),
             4,
             backend,
         )
@@ -160,11 +130,11 @@ def peak_extra_memory(fn, device: torch.device, baseline_tensor_bytes: int) -> f
     """Peak memory allocated during fn beyond what was allocated before, in latent tensors."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / baseline_tensor_bytes
 
 
@@ -190,7 +160,7 @@ def bench_case(size, shape, dtype_name, sde_type, device, names, warmup, repeats
             gbs = n_passes * numel * elem / med / 1e9
             medians[(op, name)] = med
             rows.append(dict(size=size, batch=shape[0], dtype=dtype_name, sde_type=sde_type, op=op, provider=name,
-                             numel=numel, median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                             numel=numel, **timing_stats(times),
                              gbs=gbs, pct_copy=100 * gbs / copy_gbs,
                              extra_mem_latents="" if extra is None else round(extra, 2),
                              speedup_vs_eager="", speedup_vs_compile=""))
@@ -203,36 +173,15 @@ def bench_case(size, shape, dtype_name, sde_type, device, names, warmup, repeats
     return rows
 
 
-def environment(device: torch.device) -> dict:
-    commit, dirty = git_commit()
-    if commit == "unknown":  # a copy of the tree without .git (the GPU machine): the caller says
-        commit = os.environ.get("SAGE_FAST_COMMIT", "unknown")
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = cpu_name()
-        hardware += f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(device=str(device), hardware=hardware, torch=torch.__version__, triton=triton_version,
-                cuda=torch.version.cuda, python=platform.python_version(), commit=commit + ("-dirty" if dirty else ""),
-                command=" ".join([Path(sys.executable).name] + sys.argv),
-                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-
-
 def _fmt(value) -> str:
     return value if value == "" else f"{value:.2f}"
 
 
-def write_results(rows: list[dict], env: dict, copy_gbs: float, out_dir: Path, tag: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_results(rows: list[dict], env: dict, setup: dict, out_dir: Path, tag: str) -> Path:
+    """tag.json (bench/harness.py's schema), tag.csv (the rows) and tag.md (a table) in out_dir."""
     stem = out_dir / tag
-    with open(stem.with_suffix(".json"), "w") as f:
-        json.dump(dict(environment=env, copy_bandwidth_gbs=copy_gbs, rows=rows), f, indent=1)
+    write_json(stem.with_suffix(".json"), "run", env, setup, rows)
+    copy_gbs = setup["copy_bandwidth_gbs"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -265,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)} (default: 480p on cuda, authors on cpu)")
     p.add_argument("--batch", type=int, default=None, help="samples per call (default: 8 on cuda, 4 on cpu)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--types", default=",".join(TYPES), help="comma list of SDE types")
+    p.add_argument("--types", default=",".join(schedule.STOCHASTIC_TYPES), help="comma list of SDE types")
     p.add_argument("--providers", default="eager,compile,fused,twin", help="comma list of eager, compile, fused, twin")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
@@ -289,8 +238,8 @@ def main(argv=None) -> int:
             p.error(f"--sizes: unknown size {s!r}; allowed: {list(SIZES)}")
     types = args.types.split(",")
     for t in types:
-        if t not in TYPES:
-            p.error(f"--types: unknown SDE type {t!r}; allowed: {list(TYPES)}")
+        if t not in schedule.STOCHASTIC_TYPES:
+            p.error(f"--types: unknown SDE type {t!r}; allowed: {list(schedule.STOCHASTIC_TYPES)}")
     names = args.providers.split(",")
     for n in names:
         if n not in ("eager", "compile", "fused", "twin"):
@@ -314,7 +263,8 @@ def main(argv=None) -> int:
 
     tag = args.tag or f"{'cuda-' + torch.cuda.get_device_name(device).replace(' ', '_') if gpu else 'cpu'}-" \
                       f"{dt.date.today().isoformat()}{'-quick' if args.quick else ''}"
-    stem = write_results(rows, env, copy_gbs, Path(args.out), tag)
+    setup = dict(copy_bandwidth_gbs=copy_gbs, warmup=warmup, repeats=repeats)
+    stem = write_results(rows, env, setup, Path(args.out), tag)
     print(f"wrote {stem}.json/.csv/.md")
     return 0
 

@@ -1,6 +1,6 @@
 """Fused empirical temporal equalizer: per-step EMA of gradient norms -> per-sample scales.
 
-Math (SPEC section 4, "empirical"): for a batch of per-sample norms g_i = |d logp / d v| at
+Math (docs/SPEC.md section 4, "empirical"): for a batch of per-sample norms g_i = |d logp / d v| at
 step indices t_i, with per-step running estimates ema[n] and observation counts count[n]:
 
     m[n]      = mean of the valid g_i with t_i == n          (valid: finite and > 0)

@@ -1,6 +1,6 @@
 """Plain-torch reference of every fused op: the test oracle, the CPU fallback, the bench baseline.
 
-Written straight from SPEC sections 2, 3, 4 and 6, with no fusion and no cleverness, so that it
+Written straight from docs/SPEC.md sections 2, 3, 4 and 6, with no fusion and no cleverness, so that it
 can be read against the math:
 
     mean   = a * x + b * v                       a, b, c: per-sample scalars [B]
@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from sage_fast.grpo.schedule import GAUSSIAN_TYPES
 
 from . import validate
 from .philox import philox_normal
@@ -80,7 +82,7 @@ def _finish_logp(sumsq: torch.Tensor, c: torch.Tensor, numel: int, sde_type: str
     """Per-sample log-prob from sum(r^2), [B]; 0 where c == 0 (deterministic step)."""
     stochastic = c > 0
     c_safe = torch.where(stochastic, c, torch.ones_like(c))
-    if sde_type in validate.GAUSSIAN_TYPES:
+    if sde_type in GAUSSIAN_TYPES:
         quad = sumsq / (2.0 * c_safe * c_safe)
         const = torch.log(c_safe) + _HALF_LOG_2PI
         logp = -quad / numel - const if reduction == "mean" else -quad - numel * const
@@ -92,7 +94,7 @@ def _finish_logp(sumsq: torch.Tensor, c: torch.Tensor, numel: int, sde_type: str
 def _grad_coefficients(b, c, numel: int, sde_type: str, reduction: str):
     """d logp / d v = coef_r * r and d kl / d v = coef_kl * (v - v_ref), per sample [B]."""
     norm = numel if reduction == "mean" else 1
-    if sde_type in validate.GAUSSIAN_TYPES:
+    if sde_type in GAUSSIAN_TYPES:
         coef_r = b / (c * c) / norm
     else:
         coef_r = 2.0 * b / norm
@@ -161,7 +163,7 @@ def sde_logprob_backward(x, v, x_next, a, b, c, v_ref, grad_logp, grad_kl, *, sd
                          reduction="mean") -> torch.Tensor:
     """d(loss)/dv given d(loss)/d logp and d(loss)/d kl ([B] each), in v.dtype.
 
-    The explicit formula of SPEC section 3, used as the backward of the registered op on the
+    The explicit formula of docs/SPEC.md section 3, used as the backward of the registered op on the
     torch backend; tests check it against autograd of `sde_logprob`.
     """
     cd = _compute_dtype(x)
@@ -177,7 +179,7 @@ def sde_logprob_backward(x, v, x_next, a, b, c, v_ref, grad_logp, grad_kl, *, sd
 
 
 def equalizer_update(grad_norm, step_index, ema, count, *, momentum=0.9, clamp=(0.1, 10.0)):
-    """Empirical temporal equalizer (SPEC section 4): update per-step EMAs, return scales [B].
+    """Empirical temporal equalizer (docs/SPEC.md section 4): update per-step EMAs, return scales [B].
 
     Args:
         grad_norm: [B] per-sample |d logp / d v| (the training op's third output).

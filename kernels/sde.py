@@ -1,6 +1,6 @@
 """Fused Triton kernels of the SDE step: rollout (step + log-prob) and training (log-prob + KL).
 
-Math (SPEC sections 2, 3, 6; a, b, c per sample, D = C*T*H*W, red = mean (default) or sum):
+Math (docs/SPEC.md sections 2, 3, 6; a, b, c per sample, D = C*T*H*W, red = mean (default) or sum):
 
     rollout    mean = a*x + b*v;  x_next = mean + c*eps;  r = x_next - mean (x_next as stored)
                logp = red(-r^2/(2c^2) - log c - log(2pi)/2)   (cps: red(-r^2); c == 0: logp = 0)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from sage_fast.grpo.schedule import check_sde_type
+
 __all__ = [
     "LATENT_DTYPES",
     "REDUCTIONS",
-    "STEP_TYPES",
-    "GAUSSIAN_TYPES",
     "check_latent",
     "check_like",
     "check_coefficients",
@@ -26,10 +26,6 @@ __all__ = [
 
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum")
-# Kept in sync with sage_fast.grpo.schedule.SDE_TYPES (tests assert it); duplicated here so
-# the kernels package does not import the trainer's package.
-STEP_TYPES = ("sage_grpo", "flow_grpo", "dance_grpo", "cps", "ode")
-GAUSSIAN_TYPES = ("sage_grpo", "flow_grpo", "dance_grpo")
 
 
 def check_latent(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -59,12 +55,6 @@ def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
-
-
-def check_step_type(sde_type: str) -> str:
-    if sde_type not in STEP_TYPES:
-        raise ValueError(f"sde_type must be one of {STEP_TYPES}, got {sde_type!r}")
-    return sde_type
 
 
 def check_coefficients(batch: int, device: torch.device, need_noise: bool, **coeffs: torch.Tensor) -> None:
@@ -122,7 +112,7 @@ def check_step_args(x, v, a, b, c, sde_type, reduction, *, x_next=None, v_ref=No
         raise ValueError(f"x_next must have x's dtype {x.dtype}, got {x_next.dtype}")
     if v_ref is not None and v_ref.dtype != v.dtype:
         raise ValueError(f"v_ref must have v's dtype {v.dtype}, got {v_ref.dtype}")
-    check_step_type(sde_type)
+    check_sde_type(sde_type)  # the step types are sage_fast.grpo.schedule.SDE_TYPES
     check_reduction(reduction)
     if need_logprob and sde_type == "ode":
         raise ValueError("sde_type 'ode' is deterministic (c = 0): it has no log-prob to compute")

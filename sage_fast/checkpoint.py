@@ -4,7 +4,8 @@ Owns: the on-disk layout and its crash safety, verification at load, and capturi
 RNG states.
 
     RUN/checkpoints/step_00000120/state.pt   everything to resume: policy, optimizer, anchor,
-                                             equalizer, KL controller, data position, ...
+                                             equalizer, KL controller, iteration, skip counts,
+                                             evaluation history (the data follow from the seeds)
                                   rng.pt     RNG states of every rank (python, numpy, torch CPU/CUDA)
                                   meta.json  written last: its presence marks a complete checkpoint;
                                              it holds the size and SHA-256 of every other file
@@ -26,8 +27,13 @@ holds tensors and plain Python values only, never pickled code.
 For the crash-consistency soak: `SAGE_FAST_CHECKPOINT_WRITE_DELAY_S` (seconds, default 0) sleeps
 after each file written into the temporary folder, so that a kill lands inside a save on purpose.
 
-Leaves to others: what goes into the state (the trainer), gathering sharded (FSDP) state and
-other ranks' RNG states to the writer (the trainer, before `save`).
+The state's parts are registered by their owners (`register(name, get, put)`: the trainer
+registers the policy, optimizer, equalizer, KL controller, anchor and its own progress).
+
+With several ranks, `save_on_ranks` and `resume` are called by every rank: rank 0 writes, every
+rank learns whether it could, and each rank restores its own RNG states.
+
+Leaves to others: what each part holds and how it is gathered from shards (its owner).
 """
 
 from __future__ import annotations
@@ -136,6 +142,59 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.last_loaded: Path | None = None  # the folder the last successful load() read
+        self._parts: dict[str, tuple] = {}
+
+    def register(self, name: str, get, put) -> None:
+        """A part of the training state: `get()` returns it, `put(value)` restores it. `state()`
+        holds every part under its name; `restore()` puts them back in registration order."""
+        if name in self._parts:
+            raise ValueError(f"checkpoint part {name!r} registered twice")
+        self._parts[name] = (get, put)
+
+    def state(self) -> dict:
+        """The registered parts' current values (what `save` writes as state.pt)."""
+        return {name: get() for name, (get, _) in self._parts.items()}
+
+    def restore(self, state: dict) -> None:
+        """Put every registered part back from `state` (a KeyError names a missing part)."""
+        for name, (_, put) in self._parts.items():
+            put(state[name])
+
+    def save_on_ranks(self, step: int, ranks, *, collective: bool = False, meta: dict | None = None) -> Path:
+        """Every rank calls it: the registered state (built on every rank when `collective`, e.g.
+        gathering FSDP2 shards; else on rank 0) and every rank's RNG states, written by rank 0.
+        ranks: all ranks (`parallel.DataAxis`). Raises CheckpointSaveError on every rank when rank 0
+        could not write; the previous checkpoint stays the latest."""
+        rng = capture_rng_state()
+        state = self.state() if (collective or ranks.rank == 0) else None
+        rngs = ranks.gather_objects(rng)
+        error, path = None, self.dir / self._name(step)
+        if ranks.rank == 0:
+            try:
+                path = self.save(step, state, rngs, meta=meta)
+            except CheckpointSaveError as err:
+                error = err
+        if ranks.any(error is not None):  # every rank learns that rank 0's write failed
+            raise error or CheckpointSaveError(f"checkpoint {path} not written on rank 0 (see its log)")
+        return path
+
+    def resume(self, ranks, *, map_location="cpu", fallback: bool = True) -> bool:
+        """Restore the registered parts and this rank's RNG states from the latest good checkpoint
+        (`fallback`: skipping corrupt ones); False when there is none. A checkpoint that does not
+        fit the registered parts raises CheckpointError naming its state.pt."""
+        loaded = self.load(map_location=map_location, fallback=fallback)
+        if loaded is None:
+            return False
+        _, state, rngs = loaded
+        try:
+            self.restore(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{self.last_loaded / 'state.pt'} does not fit this run's model and config "
+                                  f"({type(err).__name__}: {err}); resume with the config it was written with "
+                                  "(the run folder's config.json)") from err
+        if len(rngs) == ranks.size:
+            restore_rng_state(rngs[ranks.rank])
+        return True
 
     def _name(self, step: int) -> str:
         return f"{_PREFIX}{step:08d}"

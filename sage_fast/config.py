@@ -1,6 +1,6 @@
 """Typed configuration: dataclass trees, named recipes, dotted command-line overrides.
 
-Owns the machinery (the trainer's config tree and its recipes are defined next to the trainer):
+Owns the machinery (the trainer's config tree and its recipes live in `train_config.py`):
 
 - a config is a tree of dataclasses whose fields carry a docstring and are validated in
   `__post_init__` with `ValueError`s that name the field and the allowed values;

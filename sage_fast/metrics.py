@@ -1,4 +1,5 @@
-"""What a run records: per-phase timers, per-timestep statistics, JSONL and TensorBoard.
+"""What a run records: per-phase timers, per-timestep statistics, the reduction of an
+iteration's numbers over the data-parallel ranks, JSONL and TensorBoard.
 
 Owns the formats: `metrics.jsonl` holds one JSON object per iteration (and per evaluation, with
 `"kind": "eval"`), flat `section/name` keys plus a `per_step` table {name: {step: mean}};
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PhaseTimer", "PerStepStats", "MetricsWriter"]
+__all__ = ["PhaseTimer", "PerStepStats", "LossTotals", "reward_metrics", "loss_metrics", "timing_metrics",
+           "MetricsWriter"]
 
 log = logging.getLogger("sage_fast.metrics")
 
@@ -71,6 +73,65 @@ class PerStepStats:
         seen = self.counts > 0
         return {name: {int(t): float(total[t] / self.counts[t]) for t in torch.nonzero(seen).flatten().tolist()}
                 for name, total in self.sums.items()}
+
+
+class LossTotals:
+    """Pair-weighted means of one training pass's loss terms (over its valid pairs)."""
+
+    KEYS = ("loss", "policy", "kl_anchor", "kl_step")
+
+    def __init__(self) -> None:
+        self.sums = {k: 0.0 for k in self.KEYS + ("clip_frac",)}
+        self.pairs = 0
+
+    def add(self, terms, valid: torch.Tensor) -> None:
+        """terms: a micro-batch's `LossTerms`; valid: [M] bool, the pairs that entered its loss."""
+        n = int(valid.sum())
+        self.pairs += n
+        for key in self.KEYS:
+            self.sums[key] += float(getattr(terms, key).detach()) * n
+        self.sums["clip_frac"] += float((terms.clipped_b & valid).sum())
+
+    def mean(self) -> dict[str, float]:
+        count = max(self.pairs, 1)
+        return {k: v / count for k, v in self.sums.items()}
+
+
+def reward_metrics(reward, axis) -> dict:
+    """A batch's reward over the data axis (`parallel.DataAxis`): the mean of the finite totals,
+    each dimension's mean over its finite scores, and the failed / timed-out sample counts."""
+    total = reward.total_b
+    finite = torch.isfinite(total)
+    sums = torch.tensor([float(total[finite].sum()), float(finite.sum()), float((~finite).sum()),
+                         float(total.numel() if reward.timed_out else 0)], dtype=torch.float64)
+    axis.all_reduce(sums)
+    # a rank whose reward failed has no dimensions: agree on the union first
+    names = sorted(set().union(*axis.gather_objects(sorted(reward.scores))))
+    dims = {}
+    for name in names:
+        score = reward.scores.get(name, torch.empty(0))
+        ok = torch.isfinite(score)
+        s = axis.all_reduce(torch.tensor([float(score[ok].sum()), float(ok.sum())], dtype=torch.float64))
+        dims[f"reward/{name}"] = float(s[0] / s[1].clamp(min=1))
+    return {"reward/mean": float(sums[0] / sums[1].clamp(min=1)), **dims, "reward/failed": int(sums[2]),
+            "reward/timed_out": int(sums[3])}
+
+
+def loss_metrics(mean: dict[str, float] | None) -> dict:
+    """The last training pass's `LossTotals.mean()`; None (no update this iteration): zeros."""
+    m = mean or dict.fromkeys(LossTotals.KEYS + ("clip_frac",), 0.0)
+    return {"loss": m["loss"], "policy": m["policy"], "kl/anchor": m["kl_anchor"], "kl/step": m["kl_step"],
+            "clip_frac": m["clip_frac"]}
+
+
+def timing_metrics(timer: PhaseTimer, samples: int) -> dict:
+    """Seconds per phase, their total, and the global batch's samples per second of the main phases."""
+    out = {f"time/{k}": v for k, v in timer.seconds.items()}
+    out["time/total"] = sum(timer.seconds.values())
+    for phase in ("rollout", "reward", "train"):
+        if timer.seconds.get(phase):
+            out[f"samples_per_s/{phase}"] = samples / timer.seconds[phase]
+    return out
 
 
 def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
@@ -131,7 +192,3 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,16 +1,18 @@
 """Where a measurement came from: the source commit and the CPU (for results files and reports).
 
     sha, dirty = git_commit()      # ("4606992", False); ("unknown", False) outside a git checkout
+    commit_label()                 # "4606992", "4606992-dirty"; outside a checkout $SAGE_FAST_COMMIT or "unknown"
     cpu_name()                     # "Intel(R) Xeon(R) Processor" (/proc/cpuinfo's model name)
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["git_commit", "cpu_name", "ROOT"]
+__all__ = ["git_commit", "commit_label", "cpu_name", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +27,15 @@ def git_commit(root: Path = ROOT) -> tuple[str, bool]:
     except OSError:
         return "unknown", False
     return sha, dirty and sha != "unknown"
+
+
+def commit_label(root: Path = ROOT) -> str:
+    """HEAD's short sha, with "-dirty" if tracked files changed; outside a git checkout (a copy of
+    the tree on another machine) the caller's $SAGE_FAST_COMMIT, else "unknown"."""
+    sha, dirty = git_commit(root)
+    if sha == "unknown":
+        return os.environ.get("SAGE_FAST_COMMIT", "unknown")
+    return sha + ("-dirty" if dirty else "")
 
 
 def cpu_name() -> str:

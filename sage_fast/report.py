@@ -1,31 +1,23 @@
 """What a person looks at: sample videos (GIF, MP4), the end-of-run plot, the before / after
 comparison, and the run's verdict (a paired test over the evaluation prompts).
 
-Owns file naming under the run folder: every name written from a prompt goes through
-`safe_name`, and `run_path` refuses any path that would land outside the run folder, so a
-prompt like "../../etc/passwd" cannot write there.
+Owns file naming under the run folder: `run_path` refuses any path that would land outside it,
+so a name like "../../etc/passwd" cannot write there.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "run_path", "to_uint8", "video_frames", "save_gif", "save_mp4", "plot_history", "save_compare",
+__all__ = ["run_path", "to_uint8", "video_frames", "save_gif", "save_mp4", "plot_history", "save_compare",
            "learning_summary"]
 
 log = logging.getLogger("sage_fast.report")
-
-
-def safe_name(text: str, limit: int = 60) -> str:
-    """A file-name slug of `text`: lower-case letters, digits and '-' only, never empty."""
-    slug = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:limit].strip("-")
-    return slug or "unnamed"
 
 
 def run_path(run_dir: str | Path, *parts: str) -> Path:

@@ -1,6 +1,6 @@
 """A reward with a time limit: the task's reward runs in a worker process that is killed past it.
 
-    reward = TimedReward(task.reward, timeout_s=60)   # task.reward_timeout_s > 0
+    reward = TimedReward(TaskReward(task), timeout_s=60)   # task.reward_timeout_s > 0
     result = reward(video_bcfhw, prompts)             # a RewardResult, always; never hangs
     reward.close()
 
@@ -29,9 +29,19 @@ import torch.multiprocessing as tmp
 
 from sage_fast.task import RewardResult, failed_reward
 
-__all__ = ["TimedReward"]
+__all__ = ["TimedReward", "TaskReward"]
 
 log = logging.getLogger("sage_fast.reward")
+
+
+class TaskReward:
+    """`task.reward` looked up at call time (picklable when the task is, for a spawned worker)."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def __call__(self, video_bcfhw, prompts):
+        return self.task.reward(video_bcfhw, prompts)
 
 
 def _serve(fn, conn) -> None:
@@ -60,7 +70,6 @@ class TimedReward:
             raise ValueError(f"task.reward_timeout_s must be > 0 for a timed reward, got {timeout_s!r}")
         self.fn, self.timeout_s = fn, float(timeout_s)
         self.process = self.conn = None
-        self.timeouts = 0  # batches killed for exceeding the limit, over the run
 
     def _start(self) -> None:
         method = "spawn" if (torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
@@ -96,7 +105,6 @@ class TimedReward:
             self._kill()
             return failed_reward(batch, RuntimeError(f"the reward worker died ({type(err).__name__}: {err})"))
         if reply is None:
-            self.timeouts += 1
             self._kill()
             result = failed_reward(batch, TimeoutError(f"the reward took longer than task.reward_timeout_s="
                                                       f"{self.timeout_s:g} s; its worker was killed"))

@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import torch
+
+from sage_fast.rewards import RewardResult
 
 __all__ = ["RewardResult", "failed_reward", "held_out_prompts", "WorldTask", "HunyuanVideo15Task", "build_task"]
 
 log = logging.getLogger("sage_fast.task")
-
-
-@dataclass
-class RewardResult:
-    total_b: torch.Tensor  # [B] float32, NaN = failed
-    scores: dict[str, torch.Tensor]  # name -> [B]
-    error: str | None = None  # why the whole batch failed, if it did
-    timed_out: bool = False  # the batch exceeded task.reward_timeout_s (sage_fast.reward_worker)
 
 
 def failed_reward(batch: int, err: Exception) -> RewardResult:
@@ -135,7 +128,7 @@ class WorldTask:
         """Never raises for a bad sample: a failure becomes NaN rows and is reported."""
         try:
             out = self.reward_fn(video_bcfhw, list(prompt_list))
-            return RewardResult(total_b=out.total.float(), scores={k: v.float() for k, v in out.scores.items()})
+            return RewardResult(total_b=out.total_b.float(), scores={k: v.float() for k, v in out.scores.items()})
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run
             return failed_reward(video_bcfhw.shape[0], err)
 
@@ -211,8 +204,7 @@ class HunyuanVideo15Task:
         from sage_fast.rewards import RewardConfigError  # noqa: PLC0415
 
         try:
-            total, scores = self.reward_fn(video_bcfhw, list(prompt_list))
-            return RewardResult(total_b=total, scores=scores)
+            return self.reward_fn(video_bcfhw, list(prompt_list))
         except RewardConfigError:
             raise  # a configuration mistake: stop now rather than score every batch NaN
         except Exception as err:  # noqa: BLE001 - a reward model failure must not kill the run

@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
-        # CPU tensors (rewards, advantages, counts) go through gloo even when the GPUs use NCCL
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        from sage_fast.parallel import init_distributed  # noqa: PLC0415
+
+        init_distributed(device.type)  # CPU tensors (rewards, counts) over gloo, also when the GPUs use NCCL
         group, barrier = dist.group.WORLD, dist.barrier
     try:
         try:
@@ -322,7 +323,7 @@ def _export_final(trainer, out: Path) -> None:
     from sage_fast.export import export_policy  # noqa: PLC0415
     from sage_fast.report import run_path  # noqa: PLC0415
 
-    if trainer.fsdp:  # sharded parameters: the last checkpoint holds the full tensors
+    if trainer.strategy.sharded:  # no rank holds the full parameters: the last checkpoint does
         log.info("final model: export it from the checkpoint with `python -m sage_fast.export %s %s/final_model`",
                  out, out)
         return

@@ -139,7 +139,7 @@ def test_adapter_reloads_through_peft_onto_the_base(world_run, world_export):
 def test_load_base_model_and_the_evaluator_read_the_export(world_run, world_export, tmp_path, monkeypatch):
     import functools
 
-    from sage_fast.world import evaluate
+    from sage_fast.world import evaluate, model_card
 
     _, encoder, world = load_base_model(world_export)
     assert (world_export / "world.json").read_bytes() == (BASE / "world.json").read_bytes()
@@ -149,7 +149,7 @@ def test_load_base_model_and_the_evaluator_read_the_export(world_run, world_expo
     folder = shutil.copytree(world_export, tmp_path / "export")  # the evaluator writes its card into the folder
     # 8 prompts: the picture grid shows 8 rows
     # the CLI as it is, less its CFG sweep (3 more sampling passes: 9 s instead of 3 on one thread)
-    monkeypatch.setattr(evaluate, "write_model_card", functools.partial(evaluate.write_model_card, cfg_scales=()))
+    monkeypatch.setattr(model_card, "write_model_card", functools.partial(model_card.write_model_card, cfg_scales=()))
     threads = torch.get_num_threads()
     try:
         evaluate.main(["--checkpoint", str(folder), "--prompts", "8", "--threads", "1"])

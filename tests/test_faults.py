@@ -112,6 +112,7 @@ def _worker_rank(pid: int) -> int | None:
     return None
 
 
+@pytest.mark.dist
 def test_sigterm_on_one_of_two_ranks_stops_both_and_resume_is_exact(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "sage_fast.train", *TINY, *RUN8, "grpo.samples_per_rank=2"]

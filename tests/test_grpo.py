@@ -78,6 +78,7 @@ def test_advantages_are_clamped_and_validated():
         group_advantages(rewards, torch.zeros(99, dtype=torch.int64))
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_advantages_two_ranks_equal_one_rank():
     """Groups split across 2 gloo ranks give each rank exactly its slice of the 1-rank result."""

@@ -104,7 +104,7 @@ def test_training_logprob_forward_backward_matches_reference(triton, sde, shape,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("given_noise", [True, False], ids=["noise", "philox"])
-def test_rollout_logprob_equals_training_recompute_bitwise(triton, sde, dtype, given_noise):
+def test_triton_rollout_logprob_equals_training_recompute_bitwise(triton, sde, dtype, given_noise):
     shape = (3, 5, 21, 7, 13)
     abc, coef = _coef("sage_grpo", [0, 7, 7])
     x, v, noise = _inputs(shape, dtype, seed=5)

@@ -12,9 +12,9 @@ import torch
 from tolerance import assert_within_baseline
 
 from sage_fast.attention import install_attention
-from sage_fast.models import (Conditioning, VelocityModel, VelocityModelConfig, adaln_zero_init_, apply_lora,
-                              architecture, build_transformer, build_velocity_model, load_transformer,
-                              random_conditioning)
+from sage_fast.models import (Conditioning, TextEmbeddings, VelocityModel, VelocityModelConfig, apply_lora,
+                              architecture, build_policy_model, build_transformer, build_velocity_model,
+                              load_transformer, random_conditioning)
 
 LATENT = (21, 3, 5)  # 21 latent frames (81 video frames), odd spatial size
 
@@ -83,8 +83,6 @@ def test_cfg_scale_per_sample_tensor(tiny):
 
 
 def _select(cond, i):
-    from sage_fast.models import TextEmbeddings
-
     def text(te):
         return TextEmbeddings(*(x[i:i + 1] for x in (te.embeds_bld, te.mask_bl, te.embeds_2_bld, te.mask_2_bl)))
 
@@ -165,6 +163,8 @@ def test_bf16_autocast_keeps_fp32_master_weights(tiny):
 
 
 def test_adaln_zero_init_makes_every_block_the_identity_and_the_velocity_zero():
+    from sage_fast.world.base_model import adaln_zero_init_
+
     model = adaln_zero_init_(build_transformer("tiny", seed=0))
     install_attention(model, "sdpa")
     latents, cond = _inputs(model.config, 2, latent=(3, 2, 3))
@@ -203,7 +203,65 @@ def test_build_velocity_model_full_and_lora():
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_config_errors_name_the_field():
+def test_policy_model_is_a_function_of_the_run_seed_alone():
+    """LoRA's A matrices draw from the global RNG: `build_policy_model` seeds it from run.seed (and
+    restores it), so two builds with one seed are the same policy whatever the RNG held before."""
+    cfg = VelocityModelConfig(attention_backend="sdpa", lora_rank=4)
+    torch.manual_seed(123)
+    a = build_policy_model(cfg, run_seed=7)
+    after_a = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(5)  # another global RNG state before the build
+    b = build_policy_model(cfg, run_seed=7)
+    c = build_policy_model(cfg, run_seed=8)
+    lora = [n for n, p in a.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert lora
+    params_a, params_b, params_c = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(params_a[n], params_b[n]) for n in params_a)
+    assert not all(torch.equal(params_a[n], params_c[n]) for n in lora)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_a)  # the build left the global RNG where it was
+
+
+def _text(batch, seed, length=(5, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return TextEmbeddings(torch.randn(batch, length[0], 6, generator=g), torch.randint(0, 2, (batch, length[0])),
+                          torch.randn(batch, length[1], 4, generator=g), torch.randint(0, 2, (batch, length[1])).bool())
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_conditioning_index_select_is_the_rows_of_every_field(full):
+    """`index_select(idx)`: every tensor field's rows `idx` (repeats allowed) on dim 0, dtypes
+    kept, None fields None: the same tensors as selecting field by field."""
+    B = 4
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(prompt=_text(B, 1), negative=_text(B, 2, (2, 6)) if full else None)
+    if full:
+        cond.image_embeds_bnd = torch.randn(B, 3, 5, generator=g)
+        cond.cond_latents_bcthw = torch.randn(B, 2, 1, 3, 2, generator=g)
+        cond.cond_mask_b1thw = torch.randn(B, 1, 1, 3, 2, generator=g)
+    idx = torch.tensor([2, 0, 2, 3, 3])
+    got = cond.index_select(idx)
+    assert isinstance(got, Conditioning) and isinstance(got.prompt, TextEmbeddings)
+    texts = [("prompt", cond.prompt, got.prompt)] + ([("negative", cond.negative, got.negative)] if full else [])
+    if not full:
+        assert got.negative is None
+    for name, src, out in texts:
+        for attr in ("embeds_bld", "mask_bl", "embeds_2_bld", "mask_2_bl"):
+            want = getattr(src, attr).index_select(0, idx)
+            have = getattr(out, attr)
+            assert have.dtype == want.dtype and torch.equal(have, want), (name, attr)
+        assert torch.equal(out.embeds_bld[0], src.embeds_bld[2]) and torch.equal(out.mask_2_bl[4], src.mask_2_bl[3])
+    for attr in ("image_embeds_bnd", "cond_latents_bcthw", "cond_mask_b1thw"):
+        if full:
+            assert torch.equal(getattr(got, attr), getattr(cond, attr).index_select(0, idx)), attr
+            assert getattr(got, attr).shape[0] == len(idx)
+        else:
+            assert getattr(got, attr) is None, attr
+    assert cond.prompt.embeds_bld.shape[0] == B  # the source is left as it was
+
+
+def test_velocity_model_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"finetune must be one of \('lora', 'full'\), got 'half'"):
         VelocityModelConfig(finetune="half")
     with pytest.raises(ValueError, match=r"autocast_dtype must be one of \('bfloat16', 'float16', 'none'\)"):
@@ -239,7 +297,7 @@ def test_full_size_architecture_is_the_8_3b_dit():
     with torch.device("meta"):
         model = HunyuanVideo15Transformer3DModel(**architecture("hunyuanvideo15"))
     n = sum(p.numel() for p in model.parameters())
-    assert 8.2e9 < n < 8.4e9, n  # SPEC section 7: 8.3B
+    assert 8.2e9 < n < 8.4e9, n  # docs/SPEC.md section 7: 8.3B
     assert len(model.transformer_blocks) == 54 and model.config.num_attention_heads * model.config.attention_head_dim == 2048
 
 

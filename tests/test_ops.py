@@ -175,7 +175,7 @@ def test_cuda_dispatch_picks_triton():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager_bitwise():
+def test_triton_sde_step_graph_replays_equal_eager_bitwise_with_fresh_noise():
     x, v, a, b, c = _setup(steps=(0, 9), device="cuda", dtype=torch.bfloat16, shape=(2, 32, 21, 30, 53))
     coef = K.pack_coefficients(a, b, c, x)
     rng = torch.tensor([11, 0], dtype=torch.int64, device="cuda")

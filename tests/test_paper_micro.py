@@ -30,7 +30,7 @@ SCHEDULES = [(10, 3.0, 0.5), (20, 5.0, 0.5), (16, 1.0, 0.8)]
 
 
 @pytest.mark.parametrize("num_steps,shift,eta", SCHEDULES)
-def test_sage_variance_is_the_exact_integral(num_steps, shift, eta):
+def test_sage_variance_is_the_simpson_integral_on_every_step(num_steps, shift, eta):
     sig = schedule.sigmas(num_steps, shift)
     _, _, c = schedule.step_coefficients(sig, torch.arange(num_steps), "sage_grpo", eta)
     for i in range(1, num_steps):  # step 0: the integral diverges at sigma = 1
@@ -104,7 +104,7 @@ def test_matched_exploration_interpolates_per_prompt():
 @pytest.mark.parametrize("kwargs,field", [({"group": 1}, "group"), ({"prompts": 0}, "prompts"),
                                           ({"etas": (0.5, 1.5)}, "cps"), ({"etas": (-0.1,)}, "etas"),
                                           ({"types": ("ode",)}, "types"), ({"grad_group": 9}, "grad_prompts")])
-def test_config_errors_name_the_field(kwargs, field):
+def test_micro_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MicroConfig(**kwargs)
 

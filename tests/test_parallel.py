@@ -28,6 +28,7 @@ def _torchrun(*modes, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_ranks_sequence_parallel_and_fsdp2_equal_one_process():
     modes = ("sp", "fsdp", "fsdp_sp")

@@ -1,4 +1,5 @@
-"""The torch reference against SPEC's closed forms, autograd, and its own determinism contract."""
+"""The torch reference against the closed forms of docs/SPEC.md sections 2, 3 and 6, autograd, and its
+own determinism contract."""
 
 import math
 
@@ -106,7 +107,7 @@ def test_anchor_kl_is_the_gaussian_kl_of_the_two_means():
     _, kl, _ = reference.sde_logprob(x, v, x_next, a, b, c, sde_type="sage_grpo", v_ref=v_ref)
     view = (-1, 1, 1, 1, 1)
     mu, mu_ref = a.view(view) * x + b.view(view) * v, a.view(view) * x + b.view(view) * v_ref
-    # KL(N(mu, c^2) || N(mu_ref, c^2)) per element, mean over elements; SPEC adds 1e-6 to c^2
+    # KL(N(mu, c^2) || N(mu_ref, c^2)) per element, mean over elements; docs/SPEC.md section 6 adds 1e-6 to c^2
     want = ((mu - mu_ref) ** 2).flatten(1).mean(1) / (2 * (c**2 + 1e-6))
     assert torch.allclose(kl, want, rtol=1e-12)
     _, kl_self, _ = reference.sde_logprob(x, v, x_next, a, b, c, sde_type="sage_grpo", v_ref=v.clone())
@@ -115,7 +116,7 @@ def test_anchor_kl_is_the_gaussian_kl_of_the_two_means():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rollout_logprob_equals_training_recompute_bitwise(dtype):
-    """SPEC: the order of additions depends on D only, never on the batch size or threads."""
+    """docs/SPEC.md section 2: the order of additions depends on D only, never on the batch size or threads."""
     shape = (4, 16, 5, 30, 53)  # D = 127,200: 32 chunks of 4096 and a tail
     steps = [0, 7, 7, 19]
     a, b, c = _coefficients("sage_grpo", steps)

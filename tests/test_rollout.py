@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sage_fast.grpo import schedule
-from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig, epoch_seed
+from sage_fast.grpo.data import epoch_seed
+from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig
 
 SHAPE = (4, 3, 5, 4, 6)
 
@@ -80,7 +81,7 @@ def test_sampler_config_errors(kwargs, match):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager_bitwise():
+def test_graphed_rollout_engine_equals_eager_engine_bitwise():
     from sage_fast.models import VelocityModelConfig, build_velocity_model, random_conditioning
 
     model = build_velocity_model(VelocityModelConfig(architecture="tiny", finetune="full", autocast_dtype="none"),

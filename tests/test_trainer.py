@@ -1,6 +1,7 @@
 """The GRPO trainer end to end on a tiny random model and a small synthetic world (CPU)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from sage_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 from tiny_run import TINY  # noqa: E402
+from tolerance import FLOOR  # noqa: E402
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -55,7 +57,7 @@ def test_first_update_ratio_is_one_and_improves_the_objective(tmp_path):
 def test_update_raises_logprob_of_positive_advantage_samples(tmp_path):
     """After one update, sum_i A_i (logp_new - logp_old) > 0 over the trained pairs."""
     from sage_fast.grpo.advantages import group_advantages
-    from sage_fast.grpo.rollout import epoch_seed
+    from sage_fast.grpo.data import epoch_seed
 
     trainer = Trainer(tiny_cfg(tmp_path, "grpo.kl_mode=none", "grpo.clip_range=10.0", "optim.lr=0.003"))
     prompts = trainer.prompts_for(0)
@@ -87,23 +89,75 @@ def test_anchor_kl_is_zero_right_after_a_refresh(tmp_path):
     assert trainer.step()["kl/anchor"] > 0.0
 
 
-@pytest.mark.parametrize("kl_mode", ["none", "fixed", "moving", "stepwise", "dual_fixed", "dual_moving"])
-def test_every_kl_mode_runs_a_step(tmp_path, kl_mode):
-    trainer = Trainer(tiny_cfg(tmp_path, f"grpo.kl_mode={kl_mode}", "grpo.beta=0.05", "grpo.ref_source=rollout_phase"))
+KL_MODE_TERMS = {  # mode: (anchor KL in the loss, step KL in the loss), as sage_fast/grpo/loss.py has them
+    "none": (False, False), "fixed": (True, False), "moving": (True, False), "stepwise": (False, True),
+    "dual_fixed": (True, True), "dual_moving": (True, True)}
+
+
+@pytest.mark.parametrize("kl_mode", list(KL_MODE_TERMS))
+def test_every_kl_mode_logs_the_terms_its_loss_is_made_of(tmp_path, kl_mode):
+    """loss == policy + beta (w_anchor kl_anchor [anchor modes] + w_step kl_step [step modes]).
+
+    Two updates per rollout: on the first the policy is the rollout's (kl_step is exactly 0) and
+    the anchor (refreshed at the start) is the policy; on the second both KL terms are live.
+    Two iterations: the second is the first whose anchor velocities come from the rollout phase.
+    Weights 10 and 20, not 1 and 0.1, and lr 0.03, so that a dropped, swapped or extra term moves
+    the loss by far more than the float32 rounding of the means (a heavy anchor term holds the
+    policy near the anchor: its KL shrinks as its weight grows, the larger step moves it away)."""
+    with_anchor, with_step = KL_MODE_TERMS[kl_mode]
+    beta, w_anchor, w_step = 1.0, 10.0, 20.0
+    trainer = Trainer(tiny_cfg(tmp_path, f"grpo.kl_mode={kl_mode}", f"grpo.beta={beta}", f"grpo.w_anchor={w_anchor}",
+                               f"grpo.w_step={w_step}", "grpo.updates_per_rollout=2",
+                               "grpo.ref_source=rollout_phase", "optim.lr=0.03"))
     trainer.step()
     m = trainer.step()
-    assert m["update_skipped"] is False and torch.isfinite(torch.tensor(m["loss"]))
+    assert m["update_skipped"] is False and m["beta"] == beta  # constant schedule: the beta the loss used
+    # kl/step (logp_old - logp_new) is logged in every mode, a diagnostic; it enters the loss in the step modes
+    assert m["kl/step"] != 0.0
+    if with_anchor:
+        assert m["kl/anchor"] > 0.0
+    else:
+        assert m["kl/anchor"] == 0.0  # no anchor: the term is an exact zero
+    want = m["policy"] + beta * ((w_anchor * m["kl/anchor"] if with_anchor else 0.0)
+                                 + (w_step * m["kl/step"] if with_step else 0.0))
+    if kl_mode == "none":
+        assert m["loss"] == m["policy"]  # the per-pair loss is the policy term itself: the same means
+    # Each logged term is a mean of float32 per-pair values of size up to |A| s_t rho (|A| = 1 in
+    # two-sample groups, s_t the equalizer scale), so the identity holds to a few float32
+    # roundings of that size: tests/tolerance.py's float32 floor relative to it.
+    size = max(1.0, *m["per_step"]["scale"].values())
+    tol = FLOOR[torch.float32] * size
+    assert abs(m["loss"] - want) <= tol, (m["loss"], want)
+    # teeth: every term the loss holds, or would wrongly hold, is far above the tolerance
+    assert beta * w_step * abs(m["kl/step"]) > 10 * tol
+    if with_anchor:
+        assert beta * w_anchor * m["kl/anchor"] > 10 * tol
 
 
 @pytest.mark.parametrize("sde_type", ["sage_grpo", "flow_grpo", "dance_grpo", "cps"])
 @pytest.mark.parametrize("equalizer", ["analytic", "empirical"])
-def test_every_sde_type_runs_a_step(tmp_path, sde_type, equalizer):
+def test_every_sde_type_trains_exactly_its_window_on_a_first_update_of_ratio_one(tmp_path, sde_type, equalizer):
+    """SDE window [1, 4) of 4 steps, all its stochastic steps trained per sample (train_steps=3):
+    steps 1, 2, 3 (cps: 1, 2; its last step, to sigma = 0, is deterministic and has no log-prob)."""
     trainer = Trainer(tiny_cfg(tmp_path, f"sampler.sde_type={sde_type}", f"grpo.equalizer={equalizer}",
-                               "sampler.sde_window=1,4"))
+                               "sampler.sde_window=1,4", "grpo.train_steps=3"))
     m = trainer.step()
-    assert set(m["per_step"]["ratio"]) <= {1, 2, 3}  # only steps inside the window are trained
-    if sde_type == "cps":
-        assert 3 not in m["per_step"]["ratio"]  # cps's last step is deterministic: never trained
+    trained = {1, 2} if sde_type == "cps" else {1, 2, 3}
+    stats = m["per_step"]
+    assert set(stats) == {"ratio", "clipped", "kl", "grad_norm", "scale"}
+    for name, per_step in stats.items():
+        assert set(per_step) == trained, (name, per_step)  # steps outside the window never appear
+        assert all(math.isfinite(v) for v in per_step.values()), (name, per_step)
+    # the first update's policy is the rollout's: each ratio is exactly 1 (rollout log-prob ==
+    # training recompute, bitwise; a non-finite log-prob would make it NaN), nothing is clipped,
+    # and logp_old - logp_new is an exact zero; the anchor is the policy: no KL
+    assert all(r == 1.0 for r in stats["ratio"].values()), stats["ratio"]
+    assert all(c == 0.0 for c in stats["clipped"].values()) and m["clip_frac"] == 0.0
+    assert m["kl/step"] == 0.0 and m["kl/anchor"] == 0.0 and all(k == 0.0 for k in stats["kl"].values())
+    assert all(g > 0.0 for g in stats["grad_norm"].values()), stats["grad_norm"]  # every trained step has a signal
+    assert all(s > 0.0 for s in stats["scale"].values()), stats["scale"]
+    assert m["update_skipped"] is False and math.isfinite(m["loss"]) and m["loss"] == m["policy"]
+    assert math.isfinite(m["reward/mean"]) and 0.0 < m["grad_norm"] < float("inf")
 
 
 def test_failed_rewards_are_excluded_and_nan_updates_skipped(tmp_path, monkeypatch):
@@ -207,12 +261,10 @@ def test_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     assert (Path(cfg.run.output_dir) / "keep.txt").exists()
 
 
-def test_names_from_prompts_cannot_escape_the_run_folder(tmp_path):
-    from sage_fast.report import run_path, safe_name
+def test_names_cannot_escape_the_run_folder(tmp_path):
+    from sage_fast.report import run_path
 
-    assert safe_name("../../etc/passwd") == "etc-passwd"
-    assert safe_name("") == "unnamed"
-    assert run_path(tmp_path, "samples", safe_name("a/../../x")).parent == (tmp_path / "samples").resolve()
+    assert run_path(tmp_path, "samples", "x").parent == (tmp_path / "samples").resolve()
     with pytest.raises(ValueError, match="outside the run folder"):
         run_path(tmp_path, "..", "x")
 
@@ -245,6 +297,7 @@ def _has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "sp", "sp_fsdp2", "ddp_shared", pytest.param(
     "deepspeed_zero2", marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed"))])
@@ -261,6 +314,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy)
     assert proc.stdout.count(f"OK resume {strategy}") == 2, proc.stdout[-2000:]
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_cli_on_two_ranks_evaluates_on_every_rank_under_fsdp2_and_sp(tmp_path):
     """The evaluation forward is a collective under FSDP2 and Ulysses: every rank must run it
@@ -334,20 +388,21 @@ def test_world_evaluation_prompts_are_held_out(tmp_path):
 
 def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "grpo.group_noise=shared", "grpo.adv_std=batch"))
-    traj, _, reward, adv = trainer.rollout(0)
+    batch = trainer.rollout(0)
+    traj, adv = batch.traj, batch.adv
     x0, final = traj.latents[0], traj.final
     G = trainer.cfg.grpo.group_size
     own = trainer.engine.initial_noise(x0.shape, traj.seed, 0, x0.shape[0], "cpu")
     for b in range(x0.shape[0]):
         assert torch.equal(x0[b], own[b // G * G])  # the group's first member's noise
     assert not torch.equal(final[0], final[1])  # the SDE steps' noise is each sample's own
-    independent = Trainer(tiny_cfg(tmp_path / "i")).rollout(0)[0]
+    independent = Trainer(tiny_cfg(tmp_path / "i")).rollout(0).traj
     assert torch.equal(independent.latents[0], own) and not torch.equal(independent.latents[0][1], own[0])
     assert adv.adv_b.abs().sum() > 0 and torch.allclose(adv.group_std_b, adv.group_std_b[0].expand(4))
 
 
 def test_deepspeed_strategy_errors_name_the_field(monkeypatch):
-    from sage_fast.trainer import _deepspeed_zero2
+    from sage_fast.parallel.strategy import _deepspeed_zero2
 
     with pytest.raises(ValueError, match="dist.sp"):
         C.apply_overrides(C.get_recipe("tiny_world"), ["dist.strategy=deepspeed_zero2", "dist.sp=2"])

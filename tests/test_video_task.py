@@ -167,11 +167,12 @@ def test_reward_spec_weights_and_python_parts(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_reward", None)
     video = torch.rand(2, 3, 5, 8, 8)
-    total, scores = build_reward("python=my_reward:three,python=my_reward:one", '{"vq": 1, "ta": 0.5, "one": 2}')(
+    out = build_reward("python=my_reward:three,python=my_reward:one", '{"vq": 1, "ta": 0.5, "one": 2}')(
         video, ["ab", "abcd"])
+    total, scores = out.total_b, out.scores
     assert set(scores) == {"vq", "mq", "ta", "one"}
     torch.testing.assert_close(total, scores["vq"] + 0.5 * scores["ta"] + 2 * scores["one"])
-    total_default, _ = build_reward("python=my_reward:three")(video, ["ab", "abcd"])
+    total_default = build_reward("python=my_reward:three")(video, ["ab", "abcd"]).total_b
     torch.testing.assert_close(total_default, video.mean((1, 2, 3, 4)) * 3 + torch.tensor([2.0, 4.0]))
     with pytest.raises(ValueError, match="reward_weights names"):
         build_reward("python=my_reward:one", '{"vq": 1}')(video, ["a", "b"])

@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC section 5), across data-parallel ranks, failures excluded.
+"""Group-relative advantages (docs/SPEC.md section 5), across data-parallel ranks, failures excluded.
 
 Owns: turning per-sample rewards into advantages
 
@@ -15,7 +15,7 @@ of every group in one fixed order, and keeps its own samples, so all ranks agree
 a 2-rank run equals 1 rank with the same global batch.
 
 A failed reward (NaN, +-inf: the reward model raised or returned garbage) must not become 0
-(SPEC defect 1): the sample is left out of its group's mean and std and gets `valid = False`,
+(docs/SPEC.md defect 1): the sample is left out of its group's mean and std and gets `valid = False`,
 so the loss drops it. A group with fewer than two valid samples has no spread to learn from:
 its advantages are 0 (valid stays True for its finite samples: they are trained, with A = 0).
 

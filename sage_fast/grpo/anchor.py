@@ -1,4 +1,4 @@
-"""The anchor of the anchor KL (SPEC section 6): a fixed or a moving copy of the policy.
+"""The anchor of the anchor KL (docs/SPEC.md section 6): a fixed or a moving copy of the policy.
 
 Owns: a snapshot of the policy's *trainable* parameters (the LoRA weights under LoRA: a few MB
 for an 8.3B model, the frozen base is shared) and evaluating the policy's module with them

@@ -1,4 +1,4 @@
-"""Temporal gradient equalizer (SPEC section 4): per-sample weights of the policy term.
+"""Temporal gradient equalizer (docs/SPEC.md section 4): per-sample weights of the policy term.
 
 Modes:
 - `analytic` (the authors'): s_t = median_j(|b_j|/c_j) / (|b_t|/c_t) from the schedule, a table
@@ -9,7 +9,7 @@ Modes:
 - `none`: s_t = 1.
 
 The scale is indexed by the sample's original step index (whatever order the trainer visits
-steps in: SPEC defect 4 crashed on that). State (the EMA and counts) is part of checkpoints.
+steps in: docs/SPEC.md defect 4 crashed on that). State (the EMA and counts) is part of checkpoints.
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ class TemporalEqualizer:
             raise ValueError("the empirical equalizer needs grad_norm_b (the training op's third output)")
         return equalizer_update(grad_norm_b.detach().float().contiguous(), step_index_b.contiguous(), self.ema,
                                 self.count, momentum=self.momentum, clamp=self.clamp)
+
+    def scales_across(self, step_index_b: torch.Tensor, grad_norm_b: torch.Tensor, axis) -> torch.Tensor:
+        """`scales` of this rank's samples when a batch is split over the data axis
+        (`parallel.DataAxis`): `empirical` updates its statistics with every rank's (gathered)
+        norms, so every rank holds the same state."""
+        if self.mode != "empirical" or axis.size == 1:
+            return self.scales(step_index_b, grad_norm_b)
+        all_norms, all_steps = axis.gather(grad_norm_b.detach()), axis.gather(step_index_b)
+        m = step_index_b.numel()
+        return self.scales(all_steps, all_norms)[axis.rank * m:(axis.rank + 1) * m]
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "ema": self.ema.clone(), "count": self.count.clone()}

@@ -1,8 +1,8 @@
 """The KL coefficient beta over training: constant, two-stage, or an adaptive controller.
 
-SPEC section 6. The paper describes a two-stage schedule (loose first, tight later); the
+docs/SPEC.md section 6. The paper describes a two-stage schedule (loose first, tight later); the
 authors' code ships an adaptive controller whose direction is inverted (a large KL lowers
-beta, SPEC defect 2). Ours is correctly signed: a measured KL above the target raises beta.
+beta, docs/SPEC.md defect 2). Ours is correctly signed: a measured KL above the target raises beta.
 
 - `constant`: beta = beta0 always.
 - `two_stage`: beta = warmup_beta for the first `warmup_steps` optimizer steps, then beta0.

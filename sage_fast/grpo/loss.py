@@ -1,6 +1,6 @@
 """The GRPO objective of one (sample, step) micro-batch: clipped policy term x equalizer + dual KL.
 
-SPEC sections 5 and 6, per (sample i, step t) pair:
+docs/SPEC.md sections 5 and 6, per (sample i, step t) pair:
 
     rho      = exp(logp_new - logp_old)
     policy   = s_t * max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))     s_t: equalizer scale

@@ -10,7 +10,7 @@ Steps inside the SDE window are stochastic (`sde_type`), the others deterministi
 logp = 0, never trained), MixGRPO-style.
 
 Noise addressing (reproducible, and independent of how the global batch is split over ranks
-or micro-batches): one Philox seed per epoch (`epoch_seed(base_seed, epoch)`), and the
+or micro-batches): one Philox seed per epoch (`grpo.data.epoch_seed(base_seed, epoch)`), and the
 element d of global sample g at step t (t = N for the initial noise) sits at counter
 
     ((t * total_samples) + g) * D + d            D = elements per sample
@@ -18,7 +18,7 @@ element d of global sample g at step t (t = N for the initial noise) sits at cou
 so the rollout of a sample depends only on (base seed, epoch, its global index), never on its
 neighbours: 2 ranks of B samples draw exactly the noise of 1 rank of 2B. Every prompt's G
 samples are distinct global indices, so they explore differently (the authors' seeds repeated
-across prompts and epochs: SPEC defect 6). `noise_index` may point a sample's *initial* noise
+across prompts and epochs: docs/SPEC.md defect 6). `noise_index` may point a sample's *initial* noise
 at another global index (the trainer's `grpo.group_noise=shared`: every sample of a group
 starts from its first member's noise, DanceGRPO's same-noise groups); the SDE steps' noise
 always stays the sample's own. With shared initial noise and an SDE window that starts after
@@ -36,7 +36,6 @@ Leaves to others: the policy (sage_fast.models), rewards, which steps are traine
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -45,22 +44,15 @@ import torch
 from sage_fast.grpo import schedule
 from sage_fast.kernels import philox_normal, sde_logprob
 
-__all__ = ["SamplerConfig", "Trajectory", "RolloutEngine", "epoch_seed"]
+__all__ = ["SamplerConfig", "Trajectory", "RolloutEngine"]
 
 log = logging.getLogger("sage_fast.rollout")
-
-
-
-def epoch_seed(base_seed: int, epoch: int) -> int:
-    """A 63-bit Philox seed for (base_seed, epoch): distinct epochs draw unrelated noise."""
-    digest = hashlib.blake2b(f"sage_fast/rollout/{int(base_seed)}/{int(epoch)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass
 class SamplerConfig:
     num_steps: int = 20
-    """Denoising steps N (HunyuanVideo-1.5 480p t2v: 20 for GRPO rollouts, SPEC section 1)."""
+    """Denoising steps N (HunyuanVideo-1.5 480p t2v: 20 for GRPO rollouts, docs/SPEC.md section 1)."""
     shift: float = 5.0
     """Schedule shift s (480p: 5, 720p: 9)."""
     sde_type: str = "sage_grpo"
@@ -75,9 +67,8 @@ class SamplerConfig:
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be an int >= 1, got {self.num_steps!r}")
-        if self.sde_type not in schedule.SDE_TYPES or self.sde_type == "ode":
-            raise ValueError(f"sampler.sde_type must be one of {tuple(t for t in schedule.SDE_TYPES if t != 'ode')}, "
-                             f"got {self.sde_type!r}")
+        if self.sde_type not in schedule.STOCHASTIC_TYPES:
+            raise ValueError(f"sampler.sde_type must be one of {schedule.STOCHASTIC_TYPES}, got {self.sde_type!r}")
         if not self.eta >= 0:
             raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
         if not self.shift > 0:

@@ -1,6 +1,6 @@
 """The shifted sigma schedule and the per-step affine coefficients of every SDE type.
 
-Owns: SPEC sections 1, 2 and 4 (analytic part) as host-side float64 math. Every sampler step
+Owns: docs/SPEC.md sections 1, 2 and 4 (analytic part) as host-side float64 math. Every sampler step
 of every SDE type is one affine map plus Gaussian noise,
 
     mean   = a * x + b * v
@@ -27,23 +27,25 @@ import torch
 __all__ = [
     "SDE_TYPES",
     "DETERMINISTIC_TYPES",
+    "STOCHASTIC_TYPES",
     "GAUSSIAN_TYPES",
     "shift_sigma",
     "sigmas",
     "step_coefficients",
-    "gradient_scale_proxy",
     "equalizer_scales",
     "check_sde_type",
 ]
 
 #: Every step type the engine knows. `ode` is the plain Euler step (c = 0) used outside an
-#: SDE window (MixGRPO-style); the others are the stochastic samplers of SPEC section 2.
+#: SDE window (MixGRPO-style); the others are the stochastic samplers of docs/SPEC.md section 2.
 SDE_TYPES = ("sage_grpo", "flow_grpo", "dance_grpo", "cps", "ode")
 #: Types whose log-prob is the full Gaussian log-density (cps drops constants and variance).
 GAUSSIAN_TYPES = ("sage_grpo", "flow_grpo", "dance_grpo")
 DETERMINISTIC_TYPES = ("ode",)
+#: The stochastic samplers (what `sampler.sde_type` may be and the paper compares), in SDE_TYPES order.
+STOCHASTIC_TYPES = tuple(t for t in SDE_TYPES if t not in DETERMINISTIC_TYPES)
 
-# SPEC defect 9: the authors clamp sigma at 1 - 3e-3; we shrink the margin to (1 - sigma')/2
+# docs/SPEC.md defect 9: the authors clamp sigma at 1 - 3e-3; we shrink the margin to (1 - sigma')/2
 # when sigma' is closer to 1 than 6e-3, which keeps the log term positive.
 _SAGE_CLAMP = 3e-3
 
@@ -62,14 +64,14 @@ def _check_eta(eta: float) -> float:
 
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The schedule's shift map `s * u / (1 + (s - 1) * u)` (SPEC section 1), elementwise, same dtype."""
+    """The schedule's shift map `s * u / (1 + (s - 1) * u)` (docs/SPEC.md section 1), elementwise, same dtype."""
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def sigmas(num_steps: int, shift: float) -> torch.Tensor:
     """The shifted flow-matching schedule, sigma_0 = 1 down to sigma_N = 0.
 
-    `sigma_i = s * u_i / (1 + (s - 1) * u_i)` with `u_i = 1 - i / N` (SPEC section 1).
+    `sigma_i = s * u_i / (1 + (s - 1) * u_i)` with `u_i = 1 - i / N` (docs/SPEC.md section 1).
 
     Returns a float64 CPU tensor of shape [num_steps + 1], strictly decreasing.
     """
@@ -113,7 +115,7 @@ def _check_steps(step_index: torch.Tensor | int, num_steps: int) -> torch.Tensor
 
 
 def _variance(sde_type: str, sigma, sigma_next, eta: float, sigma_1: float) -> torch.Tensor:
-    """Per-step variance V of the three score-template types (SPEC section 2 table)."""
+    """Per-step variance V of the three score-template types (docs/SPEC.md section 2 table)."""
     delta = sigma - sigma_next
     if sde_type == "dance_grpo":
         return eta**2 * delta
@@ -168,17 +170,6 @@ def step_coefficients(
     a = 1.0 - var / (2.0 * sigma)
     b = dt - var * (1.0 - sigma) / (2.0 * sigma)
     return a, b, torch.sqrt(var)
-
-
-def gradient_scale_proxy(sigmas: torch.Tensor, sde_type: str, eta: float = 0.5) -> torch.Tensor:
-    """g_i = |b_i| / c_i for every step of the schedule (SPEC section 4), float64 [num_steps].
-
-    The size of d logp / d v at step i scales like this. Deterministic steps (c == 0) give inf.
-    """
-    s = _check_schedule(sigmas)
-    n = s.numel() - 1
-    _, b, c = step_coefficients(s, torch.arange(n), sde_type, eta)
-    return b.abs() / c  # c == 0 -> inf (or nan for 0/0), handled by the caller
 
 
 def equalizer_scales(

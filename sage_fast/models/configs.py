@@ -1,6 +1,6 @@
 """Architectures of the diffusers class `HunyuanVideo15Transformer3DModel`, by name.
 
-`hunyuanvideo15` is the released 8.3B DiT (SPEC section 7: hidden 2048 = 16 heads x 128,
+`hunyuanvideo15` is the released 8.3B DiT (docs/SPEC.md section 7: hidden 2048 = 16 heads x 128,
 54 double-stream blocks, patch 1x1x1, 65 input channels = 32 latent + 32 condition + 1
 mask, 32 output channels, 3-D RoPE over (16, 56, 56) of each head's 128 channels).
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .hunyuan_video15 import TextEmbeddings
+from .conditioning import TextEmbeddings, stack_text
 
 __all__ = ["PIPELINE_PARTS", "PromptEncoder", "VideoDecoder", "check_pipeline_folder"]
 
@@ -111,10 +111,8 @@ class PromptEncoder:
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """The batch [B, L, D] (padded to the longest prompt of the batch, mask 0), on CPU, float32."""
-        from .hunyuan_video15 import _stack_text  # noqa: PLC0415
-
         self.encode_all(prompts)
-        return TextEmbeddings(*_stack_text([self._cache[p] for p in prompts])).to(dtype=torch.float32)
+        return TextEmbeddings(*stack_text([self._cache[p] for p in prompts])).to(dtype=torch.float32)
 
     def release(self) -> None:
         """Free both encoders (the cache stays): GRPO encodes its fixed prompt set once."""

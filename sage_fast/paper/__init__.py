@@ -3,5 +3,5 @@
 - `noise`: the noise budget of each SDE type against the exact integral (the paper's Table 1);
 - `micro`: rollout geometry per SDE type (manifold distance against exploration), per-step
   gradient norms (the paper's Fig. 4) and the equalizer's scales, from the shipped base model;
-- `report`: `docs/paper/micro.md` with its plots and raw numbers.
+- `report`: `docs/paper/micro.md` with its raw numbers; `plots`: its PNGs.
 """

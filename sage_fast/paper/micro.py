@@ -18,7 +18,7 @@ coincide, so its exploration is exactly 0. Per cell (type, eta):
 - `step_distance`: RMS over latent elements of x_t - x_t(ODE) before every step t = 0..N
   (t = N: the final latent), mean over samples;
 - `c`: the per-step std of the sampler; `grad_norm`: |d logp / d v| per step from the fused op,
-  and `grad_norm_analytic`: what SPEC section 3 predicts for it, |b| / (c sqrt(D)) (Gaussian
+  and `grad_norm_analytic`: what docs/SPEC.md section 3 predicts for it, |b| / (c sqrt(D)) (Gaussian
   types) or 2 |b| c / sqrt(D) (cps), with |eps| = sqrt(D).
 
 `parameter_gradient_norms`: |d logp_t / d theta| over every transformer parameter, per sample
@@ -39,9 +39,10 @@ import torch
 
 from sage_fast.grpo import schedule
 from sage_fast.grpo.rollout import RolloutEngine, SamplerConfig
+from sage_fast.grpo.schedule import STOCHASTIC_TYPES
 from sage_fast.kernels import sde_logprob
 
-from .noise import STOCHASTIC_TYPES, noise_budget
+from .noise import noise_budget
 
 __all__ = ["MicroConfig", "MicroSetup", "load_setup", "ode_reference", "rollout_cell",
            "parameter_gradient_norms", "matched_exploration", "run_micro", "DEFAULT_ETAS"]
@@ -158,7 +159,7 @@ def ode_reference(setup: MicroSetup, prompts: list[str], group: int, seed: int) 
 
 
 def _analytic_grad_norm(sde_type: str, b: torch.Tensor, c: torch.Tensor, numel: int) -> torch.Tensor:
-    """|d logp / d v| of SPEC section 3 with |x_next - mean| = c sqrt(D)."""
+    """|d logp / d v| of docs/SPEC.md section 3 with |x_next - mean| = c sqrt(D)."""
     if sde_type == "cps":
         return 2.0 * b.abs() * c / math.sqrt(numel)
     return b.abs() / (c * math.sqrt(numel))

@@ -11,7 +11,7 @@ sigma' < sigma, the variance it injects is exactly
 
     exact_i = eta^2 * integral_{sigma'}^{sigma} u / (1 - u) du = eta^2 * (log((1 - sigma') / (1 - sigma)) - delta)
 
-(delta = sigma - sigma'), infinite at step 0 where sigma = 1. Per type (SPEC section 2):
+(delta = sigma - sigma'), infinite at step 0 where sigma = 1. Per type (docs/SPEC.md section 2):
 
 - `sage_grpo` injects exactly this; at step 0 sigma is clamped to 1 - e in the log term (the
   linear term keeps delta), i.e. the integral up to 1 - e less eta^2 e: a finite stand-in for +inf.
@@ -36,11 +36,9 @@ import math
 import torch
 
 from sage_fast.grpo import schedule
+from sage_fast.grpo.schedule import STOCHASTIC_TYPES  # the four samplers the paper compares
 
-__all__ = ["STOCHASTIC_TYPES", "exact_variance", "noise_budget"]
-
-#: The four stochastic samplers the paper compares.
-STOCHASTIC_TYPES = ("sage_grpo", "flow_grpo", "dance_grpo", "cps")
+__all__ = ["exact_variance", "noise_budget"]
 
 
 def exact_variance(sigma: float, sigma_next: float, eta: float) -> float:

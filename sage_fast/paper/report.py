@@ -1,4 +1,4 @@
-"""The micro report: `docs/paper/micro.md`, its PNGs and its raw numbers (`micro.json`).
+"""The micro report: `docs/paper/micro.md`, its PNGs (`plots.py`) and its raw numbers (`micro.json`).
 
     write_micro_report(result, out_dir, command="python -m sage_fast.paper micro")
 
@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from sage_fast.grpo.schedule import STOCHASTIC_TYPES
 from sage_fast.provenance import cpu_name, git_commit
 
 from .micro import matched_exploration
@@ -22,8 +23,6 @@ __all__ = ["CLAIM_Z", "write_micro_report", "machine_line", "commit_line", "matc
 
 #: A paired difference counts as resolved at |mean| >= CLAIM_Z standard errors.
 CLAIM_Z = 2.0
-COLOURS = {"sage_grpo": "tab:blue", "flow_grpo": "tab:orange", "dance_grpo": "tab:green", "cps": "tab:red",
-           "ode": "black"}
 
 
 def machine_line() -> str:
@@ -39,7 +38,7 @@ def commit_line() -> str:
     return sha + (" (with uncommitted changes)" if dirty else "")
 
 
-def _mean_se(values) -> tuple[float, float]:
+def mean_se(values) -> tuple[float, float]:
     x = [float(v) for v in values]
     n = len(x)
     m = sum(x) / n
@@ -51,7 +50,7 @@ def _fmt(m: float, se: float, digits: int = 4) -> str:
     return f"{m:.{digits}f} +- {se:.{digits}f}"
 
 
-def _by_type(result: dict) -> dict[str, list[dict]]:
+def by_type(result: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for cell in result["cells"]:
         out.setdefault(cell["sde_type"], []).append(cell)
@@ -63,8 +62,8 @@ def _by_type(result: dict) -> dict[str, list[dict]]:
 def _targets(result: dict) -> list[float]:
     """Exploration levels to compare at: three spread below the smallest top exploration of any type
     (every type reaches them), then two along the sage curve's range (its largest mean), if higher."""
-    by = _by_type(result)
-    tops = {t: max(_mean_se(c["exploration"])[0] for c in cells) for t, cells in by.items()}
+    by = by_type(result)
+    tops = {t: max(mean_se(c["exploration"])[0] for c in cells) for t, cells in by.items()}
     common = min(tops.values())
     targets = [round(common * f, 3) for f in (0.3, 0.6, 0.9)]
     top = tops.get("sage_grpo", max(tops.values()))
@@ -75,7 +74,7 @@ def _targets(result: dict) -> list[float]:
 def matched_table(result: dict, key: str = "manifold") -> list[dict]:
     """At each target exploration: every type's interpolated `key` (mean +- SE over prompts) and its
     paired difference from sage_grpo (other - sage, per prompt)."""
-    by = _by_type(result)
+    by = by_type(result)
     ode = result["ode"]
     rows = []
     for target in _targets(result):
@@ -88,9 +87,9 @@ def matched_table(result: dict, key: str = "manifold") -> list[dict]:
             if got is None:
                 row["types"][sde_type] = None
                 continue
-            entry = {"eta": got["eta"], "value": _mean_se(got["values"]), "step_distance": got["step_distance"]}
+            entry = {"eta": got["eta"], "value": mean_se(got["values"]), "step_distance": got["step_distance"]}
             if ref is not None and sde_type != "sage_grpo":
-                entry["diff"] = _mean_se([a - b for a, b in zip(got["values"], ref["values"])])
+                entry["diff"] = mean_se([a - b for a, b in zip(got["values"], ref["values"])])
             row["types"][sde_type] = entry
         rows.append(row)
     return rows
@@ -108,108 +107,11 @@ def _verdict(diff: tuple[float, float]) -> str:
     return f"not resolved (z {z:+.1f})"
 
 
-def _style(ax, log: bool = False, **labels) -> None:
-    if log:
-        ax.set_yscale("log")
-    ax.set(**labels)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-
-
-def _save(fig, plt, out: Path, name: str, names: list[str]) -> None:
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    names.append(name)
-
-
-def _step_rows(table: list[dict]) -> list[dict]:
+def step_rows(table: list[dict]) -> list[dict]:
     """The lowest matched level (every type) and the highest one at least two types reach."""
     shared = [r for r in table if sum(v is not None for v in r["types"].values()) >= 2]
     rows = [table[0]] + ([shared[-1]] if shared and shared[-1] is not table[0] else [])
     return rows
-
-
-def _plots(result: dict, out: Path, table: list[dict]) -> list[str]:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    by = _by_type(result)
-    ode = result["ode"]
-    names = []
-
-    # 1. manifold distance against exploration: the whole range, and a zoom on the ODE's neighbourhood
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    om, ose = _mean_se(ode["manifold"])
-    for ax in axes:
-        for sde_type, cells in by.items():
-            xs = [0.0] + [_mean_se(c["exploration"])[0] for c in cells]
-            xe = [0.0] + [_mean_se(c["exploration"])[1] for c in cells]
-            ys = [om] + [_mean_se(c["manifold"])[0] for c in cells]
-            ye = [ose] + [_mean_se(c["manifold"])[1] for c in cells]
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", ms=4, capsize=2, color=COLOURS.get(sde_type),
-                        label=sde_type)
-            for c, x, y in zip(cells, xs[1:], ys[1:]):
-                ax.annotate(f"{c['eta']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes[1].set_ylim(om - 0.25 * om, om + 0.5 * om)
-    _style(axes[0], xlabel="exploration: within-group std of the reward (mean over prompts)",
-           ylabel="manifold distance of the final samples", title="manifold distance vs exploration "
-           "(labels: eta; origin: the ODE)")
-    _style(axes[1], xlabel="exploration", ylabel="manifold distance", title="the same, near the ODE")
-    _save(fig, plt, out, "micro_geometry.png", names)
-
-    # 2. where along the trajectory the types leave the ODE, at matched exploration
-    rows = _step_rows(table)
-    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(5 * (len(rows) + 1), 4), squeeze=False)
-    for ax, row in zip(axes[0], rows):
-        for sde_type, entry in row["types"].items():
-            if entry is None or entry["step_distance"] is None:
-                continue
-            ax.plot(range(len(entry["step_distance"])), entry["step_distance"], marker="o", ms=3,
-                    color=COLOURS.get(sde_type), label=f"{sde_type} (eta {entry['eta']:.3f})")
-        _style(ax, xlabel="step t (state before step t; last: final)", ylabel="RMS |x_t - x_t(ODE)| (latent)",
-               title=f"distance from the ODE path, exploration {row['target']:g}")
-    ax = axes[0, -1]
-    eta = result["recipe"]["eta"]
-    for sde_type, cells in by.items():
-        cell = min(cells, key=lambda c: abs(c["eta"] - eta))
-        ax.plot(range(len(cell["c"])), cell["c"], marker="o", ms=3, color=COLOURS.get(sde_type),
-                label=f"{sde_type} (eta {cell['eta']:g})")
-    _style(ax, xlabel="step", ylabel="per-step std c", title="the samplers' step std")
-    _save(fig, plt, out, "micro_steps.png", names)
-
-    # 3. noise budget of the recipe's schedule
-    budget = result["noise_budget"]["recipe"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in budget["steps"]]
-    exact = [r["exact"] if math.isfinite(r["exact"]) else float("nan") for r in budget["steps"]]
-    ax.plot(steps, exact, color="black", lw=2, ls="--", label="exact integral of eta^2 u/(1-u)")
-    for sde_type in ("sage_grpo", "flow_grpo", "dance_grpo", "cps"):
-        ax.plot(steps, [max(r["variance"][sde_type], 1e-12) for r in budget["steps"]], marker="o", ms=3,
-                color=COLOURS[sde_type], label=sde_type)
-    _style(ax, log=True, xlabel="step", ylabel="variance injected (c^2)",
-           title=f"noise budget, {budget['num_steps']} steps, shift {budget['shift']:g}, eta {budget['eta']:g}")
-    _save(fig, plt, out, "micro_budget.png", names)
-
-    # 4. gradient norms per step, and after the analytic equalizer
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for g in result["parameter_gradients"]:
-        t = g["sde_type"]
-        scales = result["equalizer_analytic"][t]
-        axes[0].plot(g["steps"], g["mean"], marker="o", ms=3, color=COLOURS.get(t), label=f"{t} measured")
-        cell = min(by[t], key=lambda c: abs(c["eta"] - g["eta"]))
-        ana = [cell["grad_norm_analytic"][s] for s in g["steps"]]
-        k = sorted(m / a for m, a in zip(g["mean"], ana) if a > 0)[len(ana) // 2]  # one scale for the shape
-        axes[0].plot(g["steps"], [k * a for a in ana], ls=":", color=COLOURS.get(t))
-        axes[1].plot(g["steps"], [m * scales[s] for m, s in zip(g["mean"], g["steps"])], marker="o", ms=3,
-                     color=COLOURS.get(t), label=t)
-    _style(axes[0], log=True, xlabel="step", ylabel="|d logp_t / d theta|",
-           title="parameter gradient per step (dotted: analytic |b|/c, one scale)")
-    _style(axes[1], log=True, xlabel="step", ylabel="s_t x |d logp_t / d theta|", title="after the analytic equalizer")
-    _save(fig, plt, out, "micro_gradients.png", names)
-    return names
 
 
 def _spread(values) -> float:
@@ -229,8 +131,10 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
                                     "commit": commit_line(), "machine": machine_line()})
     (out / "micro.json").write_text(json.dumps(result, indent=1))
     table = matched_table(result)
-    pngs = _plots(result, out, table)
-    by = _by_type(result)
+    from .plots import micro_plots  # noqa: PLC0415  (matplotlib, only when writing)
+
+    pngs = micro_plots(result, out, table)
+    by = by_type(result)
     cfg, rec, ode = result["config"], result["recipe"], result["ode"]
     P, G = cfg["prompts"], cfg["group"]
     L = []
@@ -260,8 +164,8 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
           "|---|---|---|---|---|---|---|---|---|"]
 
     def line(name, eta, cell):
-        vals = [_fmt(*_mean_se(cell[k])) for k in ("exploration", "manifold", "reward", "vq", "mq", "ta")]
-        d = _mean_se([a - b for a, b in zip(cell["manifold"], ode["manifold"])])
+        vals = [_fmt(*mean_se(cell[k])) for k in ("exploration", "manifold", "reward", "vq", "mq", "ta")]
+        d = mean_se([a - b for a, b in zip(cell["manifold"], ode["manifold"])])
         vs_ode = "-" if cell is ode else f"{d[0]:+.4f} +- {d[1]:.4f} ({d[0] / d[1]:+.1f})" if d[1] > 0 else "0"
         return f"| {name} | {eta} | " + " | ".join(vals) + f" | {vs_ode} |"
 
@@ -317,7 +221,7 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
     L += ["", f"![steps]({pngs[1]})", "",
           "**Where the types leave the ODE path** (RMS latent distance from the ODE trajectory before each step, "
           "at the matched levels of the table; step 0 is the shared initial noise):", ""]
-    for row in _step_rows(table):
+    for row in step_rows(table):
         L.append(f"- exploration {row['target']:g}: " + "; ".join(
             f"{t} " + ", ".join(f"{v:.3f}" for v in e["step_distance"][1:])
             for t, e in row["types"].items() if e is not None and e["step_distance"] is not None))
@@ -334,7 +238,7 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
                      f"{peak + 1}); final latent {ratio[-1]:.2f}x")
     # 2. noise budget
     for name, budget in result["noise_budget"].items():
-        label = "the recipe's schedule" if name == "recipe" else "SPEC defaults"
+        label = "the recipe's schedule" if name == "recipe" else "docs/SPEC.md section 2 defaults"
         L += ["", f"## 2. Noise budget per type ({label}: {budget['num_steps']} steps, shift {budget['shift']:g}, "
               f"eta {budget['eta']:g})", "",
               "Variance each step injects (c^2) vs the exact integral of the marginal-preserving coefficient "
@@ -347,14 +251,14 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
             ex = "inf" if not math.isfinite(r["exact"]) else f"{r['exact']:.4g}"
             v = r["variance"]
             L.append(f"| {r['step']} | {r['sigma']:.4f} -> {r['sigma_next']:.4f} | {ex} | "
-                     + " | ".join(f"{v[t]:.4g}" for t in ("sage_grpo", "flow_grpo", "dance_grpo", "cps")) + " |")
+                     + " | ".join(f"{v[t]:.4g}" for t in STOCHASTIC_TYPES) + " |")
         tot = budget["totals"]
         L += ["", f"Summed over steps {tot['steps_counted'][0]}..{tot['steps_counted'][-1]} (the exact integral "
               f"{tot['exact']:.4f}): " + "; ".join(
                   f"{t} {tot['variance'][t]:.4f} (excess {tot['excess'][t]:+.4f}, x{tot['ratio'][t]:.2f})"
-                  for t in ("sage_grpo", "flow_grpo", "dance_grpo", "cps"))
+                  for t in STOCHASTIC_TYPES)
               + ". Step 0 alone: " + "; ".join(f"{t} {tot['step0_variance'][t]:.4f}"
-                                              for t in ("sage_grpo", "flow_grpo", "dance_grpo", "cps")) + "."]
+                                              for t in STOCHASTIC_TYPES) + "."]
         flow, sage = budget["steps"][0]["variance"]["flow_grpo"], budget["steps"][0]["variance"]["sage_grpo"]
         finite = [r for r in budget["steps"] if r["excess"]["flow_grpo"] is not None]
         flow_more = sum(r["excess"]["flow_grpo"] > 0 for r in finite)
@@ -369,7 +273,7 @@ def write_micro_report(result: dict, out_dir: str | Path, command: str, date: st
             L += ["", f"![noise budget]({pngs[2]})"]
     # 3. gradients
     L += ["", f"## 3. Gradient norm per step (eta {cfg['grad_eta']:g})", "",
-          "The fused op's |d logp / d v| against SPEC section 3's |b| / (c sqrt(D)) (cps: 2 |b| c / sqrt(D)), "
+          "The fused op's |d logp / d v| against docs/SPEC.md section 3's |b| / (c sqrt(D)) (cps: 2 |b| c / sqrt(D)), "
           "ratio measured / analytic per step over every sample of the eta cell:", ""]
     for t, cells in by.items():
         cell = min(cells, key=lambda c: abs(c["eta"] - cfg["grad_eta"]))

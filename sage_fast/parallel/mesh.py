@@ -1,6 +1,6 @@
 """The device mesh: named axes `dp` (data parallel) and `sp` (Ulysses sequence parallel).
 
-Owns: process-group initialisation under torchrun and the 2-D mesh. Ranks r = d * sp + s:
+Owns: process-group initialisation under torchrun, the 2-D mesh and the data axis. Ranks r = d * sp + s:
 the sp groups are consecutive ranks (intra-node, where the all-to-alls are cheapest); each
 dp group holds one rank of every sp group. All ranks of one sp group must get the same
 prompts, seeds and latents. Gradients are averaged over the flattened `dp_sp` mesh (see
@@ -15,24 +15,66 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["MESH_AXES", "build_mesh", "init_distributed", "flat_mesh"]
+__all__ = ["MESH_AXES", "DataAxis", "build_mesh", "init_distributed", "flat_mesh"]
 
 MESH_AXES = ("dp", "sp")
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(device_type: str | None = None) -> None:
     """Initialise the default process group from torchrun's environment (idempotent).
 
-    backend: None = `nccl` when CUDA is available else `gloo`.
-    """
+    device_type: "cuda" -> `cpu:gloo,cuda:nccl` (NCCL for the GPU tensors, gloo for the CPU ones:
+    rewards, advantages, counts) on the device LOCAL_RANK; "cpu" -> gloo; None: "cuda" when
+    CUDA is available."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         raise ValueError("init_distributed needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR)")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+
+
+class DataAxis:
+    """Reductions over a set of ranks: the data-parallel axis (the ranks that hold different
+    samples; the sp ranks of a group hold the same ones), or all ranks. Of size 1 every call is
+    the identity."""
+
+    def __init__(self, rank: int = 0, size: int = 1, group=None) -> None:
+        self.rank, self.size, self.group = rank, size, group
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """In place (and returned): the sum (or `op`) over the axis."""
+        if self.size > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t`, concatenated along dim 0 in rank order."""
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (a collective: every rank calls it)."""
+        if self.size == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
 
 def build_mesh(sp: int = 1, dp: int | None = None, device_type: str | None = None) -> DeviceMesh:

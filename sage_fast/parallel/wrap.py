@@ -1,12 +1,12 @@
-"""Data-parallel wrapping: FSDP2 (`fully_shard`) per double-stream block, or DDP.
+"""FSDP2 wrapping: `fully_shard` per double-stream block (the strategy `strategy.FSDP2` uses it).
 
-Owns: how the policy's parameters are sharded and its gradients reduced. Both average
-gradients over every rank of the mesh (dp x sp); with Ulysses that average is what makes
-the sp ranks' gradients equal the single-process one (`collectives.py`).
+Owns: how the policy's parameters are sharded and its gradients reduced: averaged over every
+rank of the mesh (dp x sp); with Ulysses that average is what makes the sp ranks' gradients
+equal the single-process one (`collectives.py`).
 
 FSDP2 keeps float32 sharded master parameters; `param_dtype` (e.g. torch.bfloat16) makes it
 all-gather and compute in that dtype, `reduce_dtype` float32 keeps gradient reduction exact
-to float32. The authors' recipe (SPEC section 7) keeps fp32 parameters under bf16 autocast,
+to float32. The authors' recipe (docs/SPEC.md section 7) keeps fp32 parameters under bf16 autocast,
 which is the default here (param_dtype None).
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from .mesh import flat_mesh
 
-__all__ = ["wrap_fsdp2", "wrap_ddp"]
+__all__ = ["wrap_fsdp2"]
 
 
 def wrap_fsdp2(transformer: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
@@ -37,18 +37,3 @@ def wrap_fsdp2(transformer: nn.Module, mesh, *, param_dtype: torch.dtype | None 
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(transformer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return transformer
-
-
-def wrap_ddp(module: nn.Module, mesh, **ddp_kwargs) -> nn.Module:
-    """DistributedDataParallel over the flattened dp x sp mesh's process group."""
-    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
-
-    if mesh.ndim == 2:
-        mesh = flat_mesh(mesh)
-    device_ids = None
-    if torch.cuda.is_available() and next(module.parameters()).is_cuda:
-        device_ids = [torch.cuda.current_device()]
-    # The last double-stream block's text branch feeds nothing; without find_unused_parameters DDP
-    # silently skips the all-reduce of every bucket holding such a parameter (docs/LOG.md).
-    ddp_kwargs.setdefault("find_unused_parameters", True)
-    return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=device_ids, **ddp_kwargs)

@@ -15,6 +15,8 @@ The total is the weighted sum of the dimensions (`video.reward_weights`, JSON; d
 each): for VideoAlign the paper's averaged setting is {"vq": 1, "mq": 1, "ta": 1}.
 
 The synthetic world has its own rewards (sage_fast.world.rewards) with the same shape of call.
+Both return a `RewardResult`, the one shape of a reward batch the trainer consumes; a part's
+dict (or tensor) is converted to it in `RewardParts` only.
 """
 
 from __future__ import annotations
@@ -23,14 +25,26 @@ import importlib
 import importlib.util
 import json
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-__all__ = ["REWARD_KINDS", "RewardConfigError", "RewardParts", "parse_reward_spec", "build_reward", "parse_weights",
-           "check_python_parts"]
+__all__ = ["REWARD_KINDS", "RewardResult", "RewardConfigError", "RewardParts", "parse_reward_spec", "build_reward",
+           "parse_weights", "check_python_parts"]
 
 REWARD_KINDS = ("clip_score", "python")
+
+
+@dataclass
+class RewardResult:
+    """One batch's reward: what every reward returns and the trainer consumes."""
+
+    total_b: torch.Tensor  # [B] weighted sum of the scores, NaN = failed
+    scores: dict[str, torch.Tensor]  # dimension -> [B]
+    error: str | None = None  # why the whole batch failed, if it did
+    timed_out: bool = False  # the batch exceeded task.reward_timeout_s (sage_fast.reward_worker)
+
 
 class RewardConfigError(ValueError):
     """A mistake in the reward's configuration (weights naming dimensions no part returns, a part
@@ -92,12 +106,12 @@ def _python_part(target: str) -> RewardPart:
 
 
 class RewardParts:
-    """The configured parts and weights: `(video, prompts) -> (total [B], {dimension: [B]})`."""
+    """The configured parts and weights: `(video, prompts) -> RewardResult` (float32 [B] total and scores)."""
 
     def __init__(self, parts: list[RewardPart], weights: dict[str, float] | None = None) -> None:
         self.parts, self.weights = parts, weights
 
-    def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> RewardResult:
         B = video_bcfhw.shape[0]
         scores: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -115,7 +129,7 @@ class RewardParts:
         if unknown:
             raise RewardConfigError(f"video.reward_weights names {unknown}, but the rewards return {sorted(scores)}")
         total = sum(w * scores[k] for k, w in weights.items())
-        return torch.as_tensor(total, dtype=torch.float32).expand(B).clone(), scores
+        return RewardResult(total_b=torch.as_tensor(total, dtype=torch.float32).expand(B).clone(), scores=scores)
 
 
 def check_python_parts(spec: str, field: str = "video.reward") -> None:

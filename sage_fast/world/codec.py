@@ -19,7 +19,7 @@ Default sizes: video [B, 3, 5, 32, 32] <-> latents [B, 192, 2, 8, 8] = 128 token
 Why time is packed: a token then carries the same 4 x 4 pixels over 4 frames, so an object's
 motion and shape across those frames come out of one hidden vector instead of having to be
 agreed between 4 tokens; at equal CPU time it sampled far more coherent motion than the
-per-frame codec (docs/LOG.md, 2026-11-24, 2026-11-24), and it has 2.5x fewer tokens.
+per-frame codec (docs/LOG.md, 2026-11-24), and it has 2.5x fewer tokens.
 
 LATENT_SCALE = 2: videos are mostly background 0 with saturated +-1 objects (per-element std
 ~0.35), scaling by 2 brings the data's std closer to the unit noise of flow matching.

@@ -1,24 +1,25 @@
 """Pretrain the world's base model: `python -m sage_fast.world.pretrain`.
 
 Trains a tiny HunyuanVideo-1.5-class transformer (`sage_fast.models`, the adapter the trainer
-uses) by flow matching on freshly rendered videos of the world (SPEC section 1):
+uses) by flow matching on freshly rendered videos of the world (docs/SPEC.md section 1):
 
     x0 = encode(render(scene)),  x1 ~ N(0, I),  x_sigma = (1 - sigma) x0 + sigma x1
     loss = mean (v_theta(x_sigma, 1000 sigma, text) - (x1 - x0))^2
 
-where, with `--prediction sample` (the default), the transformer outputs the clean latents and
+with sigma = shift_s(u), u ~ logit-normal(0, 1) (70%) or uniform (30%, `--uniform-frac`), where
+shift_s(u) = s u / (1 + (s - 1) u) is the sampling schedule's shift (docs/SPEC.md section 1; s = 3 by
+default, the world's sampling shift), so training spends its steps where the sampler does (a
+shift-3, 20-step ODE takes 5 of its 20 steps above sigma 0.9, where unshifted logit-normal
+training puts 2% of its samples; docs/LOG.md, 2026-11-24).
+
+With `--prediction sample` (the default) the transformer outputs the clean latents and
 v_theta = (x_sigma - x0_theta) / max(sigma, 0.05) (x-prediction with the velocity loss, JiT: Li &
 He 2025); the mode is saved in config.json, so the trainer's `velocity` is the same function.
 At equal CPU time it denoised better than velocity prediction in every measured respect
-(docs/LOG.md, 2026-11-24, session 5).
+(docs/LOG.md, 2026-11-24: x-prediction for the world's base model).
 
-with sigma = shift_s(u), u ~ logit-normal(0, 1) (70%) or uniform (30%, `--uniform-frac`), where
-shift_s(u) = s u / (1 + (s - 1) u) is the sampling schedule's shift (SPEC section 1; s = 3 by
-default, the world's sampling shift), so training spends its steps where the sampler does (a
-shift-3, 20-step ODE takes 5 of its 20 steps above sigma 0.9, where unshifted logit-normal
-training puts 2% of its samples; docs/LOG.md, 2026-11-24). Condition dropout: with probability
-`cond_dropout` the prompt is replaced by the empty prompt "" (the CFG negative), so one model
-gives both halves of classifier-free guidance. The data are infinite: step i renders
+Condition dropout: with probability `cond_dropout` the prompt is replaced by the empty prompt ""
+(the CFG negative), so one model gives both halves of classifier-free guidance. The data are infinite: step i renders
 `sample_scenes(batch, seed + i)`; nothing is read from disk.
 
 Writes to `--out` (default `sage_fast/world/assets/base_model`):
@@ -26,7 +27,7 @@ Writes to `--out` (default `sage_fast/world/assets/base_model`):
         EMA model; `sage_fast.models.load_transformer` loads it as float32)
     world.json      the world and sampling settings the checkpoint was trained for
     train_log.jsonl one line per logged step (loss, lr, elapsed seconds)
-and then runs the evaluation (`evaluate.py`), which writes MODEL_CARD.md and its pictures.
+and then runs the evaluation (`evaluate.py`, `model_card.py`), which writes MODEL_CARD.md and its pictures.
 
 Determinism: model init, data, noise and dropout all come from `--seed`; the run is repeatable
 on the same machine and thread count (CPU kernels may differ in the last bits elsewhere), with
@@ -56,43 +57,16 @@ from pathlib import Path
 import torch
 
 from sage_fast.grpo.schedule import shift_sigma
-from sage_fast.models import (AUTOCAST_DTYPES, PREDICTIONS, SAMPLE_SIGMA_MIN, Conditioning, VelocityModelConfig,
-                              adaln_zero_init_, build_velocity_model)
+from sage_fast.models import PREDICTIONS, SAMPLE_SIGMA_MIN, Conditioning, VelocityModelConfig, build_velocity_model
 
 from . import codec
+from .base_model import (CHECK_TOLERANCE, DEFAULT_CHECKPOINT, adaln_zero_init_, check_device, freeze_byt5_hidden_,
+                         model_overrides, save_checkpoint)
 from .prompts import WorldTextEncoder, describe_scenes
 from .render import FRAMES, HEIGHT, WIDTH, render, sample_scenes
 
-__all__ = ["CHECK_TOLERANCE", "DEFAULT_OUT", "StepData", "check_device", "drop_prompts", "freeze_byt5_hidden_", "loss_weights", "model_overrides", "main", "save_checkpoint"]
+__all__ = ["StepData", "drop_prompts", "loss_weights", "main"]
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "base_model"
-
-
-def model_overrides(hidden_heads: int, head_dim: int, layers: int, mlp_ratio: float, patch: int = codec.PATCH,
-                    temporal: int = codec.TEMPORAL) -> dict:
-    """Architecture overrides of the `tiny` config for the world's latents (3 p^2 tau channels)."""
-    C = codec.latent_channels(patch, temporal)
-    if head_dim % 4:
-        raise ValueError(f"head_dim must be a multiple of 4 (3-D RoPE), got {head_dim}")
-    t_axis = head_dim // 4 if (head_dim // 4) % 2 == 0 else head_dim // 4 - 1
-    hw = head_dim - t_axis
-    if hw % 4:  # two even spatial axes
-        t_axis += hw % 4
-        hw = head_dim - t_axis
-    return dict(in_channels=2 * C + 1, out_channels=C, num_attention_heads=hidden_heads,
-                attention_head_dim=head_dim, num_layers=layers, mlp_ratio=mlp_ratio,
-                rope_axes_dim=(t_axis, hw // 2, hw // 2))
-
-
-def save_checkpoint(transformer, out: Path, world: dict) -> None:
-    """config.json + float16 safetensors (diffusers folder layout) + world.json."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    out.mkdir(parents=True, exist_ok=True)
-    transformer.save_config(str(out))
-    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in transformer.state_dict().items()}
-    save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
 
 
 def loss_weights(sigma_b: torch.Tensor, floor: float) -> torch.Tensor:
@@ -105,21 +79,6 @@ def loss_weights(sigma_b: torch.Tensor, floor: float) -> torch.Tensor:
     return (sigma_b.clamp(min=SAMPLE_SIGMA_MIN) / sigma_b.clamp(min=floor)) ** 2
 
 
-def freeze_byt5_hidden_(transformer) -> list[str]:
-    """Stop training the ByT5 projection's input norm and its two 2048-wide layers (a fixed random
-    feature map of the world's second text stream; `linear_3` still learns to read it). The class
-    fixes that width at 2048 whatever the model's, so at the world's size these layers hold two
-    thirds of the parameters and, with their gradients, ~13% of a CPU training step. Returns the
-    names of the frozen parameters."""
-    projection = transformer.context_embedder_2
-    frozen = []
-    for name in ("norm", "linear_1", "linear_2"):
-        module = getattr(projection, name)
-        module.requires_grad_(False)
-        frozen += [f"context_embedder_2.{name}.{n}" for n, _ in module.named_parameters()]
-    return frozen
-
-
 def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -128,7 +87,7 @@ def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sage_fast.world.pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -163,8 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from the weights of this world checkpoint folder (continued pretraining)")
     p.add_argument("--init", choices=("adaln_zero", "default"), default="adaln_zero",
-                   help="adaln_zero: DiT's zero-initialised gates and output (sage_fast.models.adaln_zero_init_); "
-                        "default: the class's own random init")
+                   help="adaln_zero: DiT's zero-initialised gates and output "
+                        "(sage_fast.world.base_model.adaln_zero_init_); default: the class's own random init")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
                    help="where to train: cpu (the shipped recipe) or cuda (render, noise and model on the GPU; the "
@@ -282,36 +241,6 @@ def _progress_lr(args, step: int, elapsed_s: float) -> float:
         return _lr(step, args.steps, args.lr, args.warmup)
     frac = min(1.0, elapsed_s / (60.0 * args.time_budget_min))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-#: largest relative velocity difference `check_device` accepts, by autocast dtype
-CHECK_TOLERANCE = {"none": 1e-3, "bfloat16": 5e-2}
-
-
-def check_device(device: str, autocast: str = "none", batch: int = 16, seed: int = 0) -> float:
-    """||v_device - v_cpu|| / ||v_cpu||: one batch of world velocities (random-init model of the
-    shipped shape, world prompts with some dropped, sigma in [0.2, 1], CFG 3) computed by the
-    training path on `device` under `autocast` (batched text order) against the class's own
-    forward in float32 on the CPU. A quick check that a machine computes what the CPU does."""
-    cfg = VelocityModelConfig(architecture="tiny", finetune="full", autocast_dtype="none", attention_backend="sdpa",
-                              architecture_overrides=model_overrides(4, 32, 3, 2.0), prediction="sample")
-    ref = build_velocity_model(cfg, seed=seed).eval()
-    scene = sample_scenes(batch, seed)
-    prompts = ["" if i % 3 == 0 else p for i, p in enumerate(describe_scenes(scene))]
-    g = torch.Generator().manual_seed(seed)
-    x0 = codec.encode(render(scene))
-    sigma = 0.2 + 0.8 * torch.rand(batch, generator=g)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
-    encoder = WorldTextEncoder.for_model(ref.transformer.config)
-    with torch.no_grad():
-        v_ref = ref.velocity(xt, 1000.0 * sigma, encoder.conditioning(prompts), cfg_scale=3.0)
-        model = copy.deepcopy(ref).to(device)
-        model.autocast_dtype, model.batched_text = AUTOCAST_DTYPES[autocast], True
-        encoder_dev = WorldTextEncoder.for_model(ref.transformer.config, device=device)
-        v = model.velocity(xt.to(device), (1000.0 * sigma).to(device), encoder_dev.conditioning(prompts),
-                           cfg_scale=3.0).cpu()
-    return float((v - v_ref).norm() / v_ref.norm())
 
 
 def _device_name(device: torch.device) -> str:
@@ -458,7 +387,7 @@ def main(argv=None) -> None:
         return
     train(args)
     if not args.skip_eval:
-        from .evaluate import write_model_card  # noqa: PLC0415
+        from .model_card import write_model_card  # noqa: PLC0415
 
         write_model_card(args.out, num_prompts=args.eval_prompts)
 

@@ -114,11 +114,6 @@ class Scene:
     def batch(self) -> int:
         return self.shape_bo.shape[0]
 
-    def select(self, index) -> "Scene":
-        """The scenes at `index` (a slice, list or index tensor), as a new Scene."""
-        pick = (lambda t: None if t is None else t[index])
-        return Scene(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
-
     def _map(self, fn) -> "Scene":
         return Scene(*(None if t is None else fn(t) for t in (getattr(self, f) for f in self.__dataclass_fields__)))
 

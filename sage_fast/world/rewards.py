@@ -2,7 +2,8 @@
 
     out = WorldReward("alignment")(video_bcfhw, prompts)      # video [B, 3, F, H, W], B prompts
     out.scores["vq"], out.scores["mq"], out.scores["ta"]      # each [B] float32 in [0, 1]
-    out.total                                                 # [B] = sum_d weight_d * score_d
+    out.total_b                                               # [B] = sum_d weight_d * score_d
+                                                              # (a sage_fast.rewards.RewardResult)
 
 Each dimension is in [0, 1] (1 = what a clean render of the prompt scores, up to edge effects)
 and measures one thing (masks and tracks: `analysis.py`):
@@ -35,7 +36,7 @@ Weights: `WEIGHTS["averaged"] = (1, 1, 1)`, `WEIGHTS["alignment"] = (0.5, 0.5, 1
 Failure: a reward never fails silently to 0. A video row with a non-finite value scores NaN in
 every dimension (and in total) for that row; a malformed video or a prompt outside the grammar
 (or the empty prompt, which names nothing to align with) raises ValueError. The trainer must
-exclude NaN rows (SPEC section 5).
+exclude NaN rows (docs/SPEC.md section 5).
 
 Scales (VQ_TAU, MQ_*, TA_*) are tolerances in pixels / RGB units of the 32 x 32 world, chosen
 before training the base model; sizes and speeds scale with min(H, W) / 32.
@@ -44,15 +45,16 @@ before training the base model; sizes and speeds scale with min(H, W) / 32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from sage_fast.rewards import RewardResult
 
 from .analysis import check_video, colour_masks, shape_iou, shift_frames, size_from_mass, tracks
 from .prompts import parse_prompt
 from .render import BACKGROUND, COLOURS, DIRECTIONS, SIZES, SPEED
 
-__all__ = ["DIMENSIONS", "WEIGHTS", "RewardOutput", "WorldReward", "resolve_weights",
+__all__ = ["DIMENSIONS", "WEIGHTS", "WorldReward", "resolve_weights",
            "visual_quality", "motion_quality", "text_alignment", "VQ_TAU", "MIN_MASS"]
 
 DIMENSIONS = ("vq", "mq", "ta")
@@ -171,29 +173,16 @@ def resolve_weights(weights: str | dict) -> dict[str, float]:
     return out
 
 
-@dataclass
-class RewardOutput:
-    """scores: {"vq", "mq", "ta"} -> [B] float32; total: [B] weighted sum; NaN marks a failed row."""
-
-    scores: dict[str, torch.Tensor]
-    total: torch.Tensor
-    weights: dict[str, float]
-
-    @property
-    def failed_b(self) -> torch.Tensor:
-        """[B] bool: rows whose total is not finite (to be excluded, never zeroed)."""
-        return ~torch.isfinite(self.total)
-
-
 class WorldReward:
     """Weighted VQ/MQ/TA reward of the world (see module doc); call with (video, prompts)."""
 
     def __init__(self, weights: str | dict = "alignment") -> None:
         self.weights = resolve_weights(weights)
 
-    def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> RewardResult:
+        """scores: {"vq", "mq", "ta"} -> [B]; total_b: [B] weighted sum; NaN marks a failed row."""
         with torch.no_grad():
             scores = {"vq": visual_quality(video_bcfhw), "mq": motion_quality(video_bcfhw),
                       "ta": text_alignment(video_bcfhw, prompts)}
         total = sum(self.weights[d] * scores[d] for d in DIMENSIONS)
-        return RewardOutput(scores=scores, total=total, weights=dict(self.weights))
+        return RewardResult(total_b=total, scores=scores)

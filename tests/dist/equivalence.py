@@ -71,7 +71,7 @@ def full(t):
 
 
 def main(modes):
-    init_distributed("gloo")
+    init_distributed("cpu")
     failed = [mode for mode in modes if not run_mode(mode)]
     dist.barrier()
     dist.destroy_process_group()
