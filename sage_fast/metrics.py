@@ -96,6 +96,13 @@ class LossTotals:
         count = max(self.pairs, 1)
         return {k: v / count for k, v in self.sums.items()}
 
+    def mean_over(self, axis, key: str) -> float:
+        """`key`'s mean over the valid pairs of every rank of `axis` (`parallel.DataAxis`)."""
+        if axis.size == 1:
+            return self.mean()[key]
+        t = axis.all_reduce(torch.tensor([self.sums[key], float(self.pairs)], dtype=torch.float64))
+        return float(t[0] / t[1].clamp(min=1))
+
 
 def reward_metrics(reward, axis) -> dict:
     """A batch's reward over the data axis (`parallel.DataAxis`): the mean of the finite totals,

@@ -159,9 +159,10 @@ class Trainer:
                     v_ref = self._reference_velocities(batch, pairs)
             for _ in range(g.updates_per_rollout):
                 with timer("train"):
-                    loss = self._train_pass(batch, pairs, v_ref, stats)
+                    totals = self._train_pass(batch, pairs, v_ref, stats)
+                    loss = totals.mean()
                 with timer("update"):
-                    update = self._update(loss)
+                    update = self._update(loss, totals)
         metrics = {"iteration": it + 1, **reward_metrics(batch.reward, self.axis),
                    "adv/abs_mean": float(batch.adv.adv_b.abs().mean()), **loss_metrics(loss),
                    "grad_norm": update["grad_norm"], "update_skipped": update["skipped"], "beta": self.kl.beta,
@@ -169,10 +170,6 @@ class Trainer:
                    "per_step": stats.summary()}
         self.iteration += 1
         return metrics
-
-    @property
-    def nonfinite_total(self) -> int:
-        return self.skips.total
 
     def _needs_reference(self) -> bool:
         return self.anchor is not None and not self.anchor.equals_policy
@@ -189,8 +186,8 @@ class Trainer:
             out.append(self._reference(x, timestep, c))
         return out
 
-    def _train_pass(self, batch: RolloutBatch, pairs: TrainedPairs, v_ref_store, stats: PerStepStats) -> dict:
-        """Gradients of the loss over every trained pair; returns the pass's mean loss terms."""
+    def _train_pass(self, batch: RolloutBatch, pairs: TrainedPairs, v_ref_store, stats: PerStepStats) -> LossTotals:
+        """Gradients of the loss over every trained pair; returns the pass's loss terms."""
         g, s = self.cfg.grpo, self.cfg.sampler
         self.optimizer.zero_grad(set_to_none=True)
         batches = pairs.micro_batches(g.micro_batch, batch.adv.valid_b)
@@ -218,9 +215,9 @@ class Trainer:
             totals.add(terms, valid)
             stats.add(mb.step_t, ratio=terms.ratio_b, clipped=terms.clipped_b.float(), kl=kl_a.detach(),
                       grad_norm=grad_norm, scale=scale)
-        return totals.mean()
+        return totals
 
-    def _update(self, loss: dict) -> dict:
+    def _update(self, loss: dict, totals: LossTotals) -> dict:
         loss_finite = math.isfinite(loss["loss"])
         norm, applied = self.strategy.step(self.cfg.optim.grad_clip, loss_finite=loss_finite)
         if not (applied and bool(torch.isfinite(norm)) and loss_finite):
@@ -230,7 +227,9 @@ class Trainer:
             self.skips.skipped(self.iteration, f"non-finite loss or gradient (loss {loss['loss']}, grad norm {float(norm)})")
             return {"grad_norm": float(norm), "skipped": True}
         self.skips.applied()
-        self.kl.update(loss["kl_anchor"] if self.anchor is not None else loss["kl_step"])
+        key = "kl_anchor" if self.anchor is not None else "kl_step"
+        # adaptive beta follows the global batch's KL, so every rank keeps the same beta
+        self.kl.update(totals.mean_over(self.axis, key) if self.kl.schedule == "adaptive" else loss[key])
         refreshed = self.anchor.after_optimizer_step(self.model) if self.anchor is not None else False
         return {"grad_norm": float(norm), "skipped": False, "anchor_refreshed": refreshed}
 

@@ -191,7 +191,7 @@ def test_a_batch_without_any_finite_reward_skips_the_update_and_counts(tmp_path,
         total_b=torch.full((video.shape[0],), float("nan")), scores={}, error="RuntimeError: reward server down"))
     before = trainable_state(trainer)
     m = trainer.step()
-    assert m["update_skipped"] is True and m["reward/failed"] == 4 and trainer.nonfinite_total == 1
+    assert m["update_skipped"] is True and m["reward/failed"] == 4 and trainer.skips.total == 1
     for name, value in trainable_state(trainer).items():
         assert torch.equal(value, before[name]), name
     with pytest.raises(FloatingPointError, match="reward server down"):

@@ -10,6 +10,7 @@
    is exactly (1 - beta1) x the clipped gradient in both runs.
 2. Checkpoints hold full tensors: 1 + 1 iterations with a save and a resume into a fresh trainer
    of the same layout equal 2 uninterrupted iterations bitwise, on every rank.
+3. (ddp) The adaptive KL controller's beta is the same on every rank (it reads the global KL).
 """
 
 import sys
@@ -93,6 +94,22 @@ def check_resume(tmp, strategy, rank):
     print(f"OK resume {strategy} rank {rank}: 1 + 1 iterations == 2, bitwise", flush=True)
 
 
+def check_adaptive_beta_agrees(tmp, strategy, rank):
+    # the adaptive controller must follow the global batch's KL: with each rank's own KL (different
+    # samples, different KL) the ranks' beta would drift apart. kl_target 1 keeps the error
+    # (k - 1) unclipped, so any difference in the measured KL shows in beta.
+    extra = ("grpo.beta_schedule=adaptive", "grpo.kl_mode=stepwise", "grpo.updates_per_rollout=2",
+             "grpo.kl_target=1.0", "grpo.beta=0.05")
+    trainer = two_rank_trainer(tmp / f"adaptive{rank}", strategy, *extra)
+    kl = [trainer.step()["kl/step"] for _ in range(2)]
+    betas, local = [None, None], [None, None]
+    dist.all_gather_object(betas, trainer.kl.beta)
+    dist.all_gather_object(local, kl)
+    assert local[0] != local[1], local  # the ranks did measure different KLs
+    assert betas[0] == betas[1] != 0.05, betas
+    print(f"OK adaptive beta {strategy} rank {rank}: {betas[rank]:.6g} on every rank", flush=True)
+
+
 def main():
     tmp = Path(sys.argv[1])
     strategy = sys.argv[2] if len(sys.argv) > 2 else "ddp"
@@ -101,6 +118,8 @@ def main():
     torch.set_num_threads(1)
     check_equals_one_rank(tmp, strategy, rank)
     check_resume(tmp, strategy, rank)
+    if strategy == "ddp":
+        check_adaptive_beta_agrees(tmp, strategy, rank)
     dist.destroy_process_group()
 
 
