@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrain the synthetic world's base model on a lent GPU, in one device call (issue 5).
+# Pretrain the synthetic world's base model on a CUDA machine, in one call.
 #
 # Why: on the 2-core CPU box the base model's sample MQ grows with the training compute and the
 # batch (docs/LOG.md): 0.25 at batch 8 after 41 minutes, 0.44 at batch 32 after 44, against a

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (issue 7; ../shared/gpu/README.md). From this machine, with the device
-# tool's `run` (the command is at most 2000 characters):
+# Every GPU check in one call on a CUDA machine (a command of at most 2000 characters), from the
+# repository root:
 #   SAGE_FAST_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_validate.sh "$OUT"
 # It builds sage_fast._C with the CUDA twin against the device's torch, runs the `gpu`-marked
 # tests and the kernel test files natively, then bench/run.py on CUDA at the real latent sizes.
@@ -37,5 +37,21 @@ HV_TOY=/tmp/sage_fast_hv15_toy
     video.height=32 video.width=32 sampler.num_steps=4 grpo.samples_per_rank=4 grpo.group_size=2 grpo.train_steps=2 \
     grpo.micro_batch=2 dist.sp=1 run.steps=2 run.eval_every=1 run.output_dir="$HV_TOY/run" run.device="${HV_DEVICE:-cuda}"
   echo "exit $?"
+} >> "$OUT/pytest-gpu.log" 2>&1
+tail -4 "$OUT/pytest-gpu.log"
+# The Wan recipes' code path on the GPU (one expert, then Wan 2.2's two) with random toy Wan
+# pipelines of the real classes, rewarded by the toy CLIP above: plumbing, not numbers.
+{
+  for EXPERTS in "" "--two-experts"; do
+    RECIPE=wan21_t2v_1.3b_480p; [ -n "$EXPERTS" ] && RECIPE=wan22_a14b_t2v_480p
+    echo "== $RECIPE recipe on a toy Wan pipeline $EXPERTS (device ${HV_DEVICE:-cuda})"
+    rm -rf "$HV_TOY/wan" && python3 -m sage_fast.models.tiny_wan_pipeline "$HV_TOY/wan" $EXPERTS > /dev/null &&
+    python3 -m sage_fast.train --recipe $RECIPE video.pipeline="$HV_TOY/wan" model.checkpoint="$HV_TOY/wan" \
+      video.prompt_file="$HV_TOY/wan/prompts.txt" video.reward=clip_score="$HV_TOY/pipe/clip" video.frames=5 \
+      video.height=32 video.width=32 video.num_eval_prompts=2 model.lora_rank=4 model.lora_alpha=4 \
+      sampler.num_steps=4 grpo.samples_per_rank=4 grpo.group_size=2 grpo.train_steps=2 grpo.micro_batch=2 \
+      run.steps=2 run.eval_every=1 run.output_dir="$HV_TOY/run_$RECIPE" run.device="${HV_DEVICE:-cuda}"
+    echo "exit $?"
+  done
 } >> "$OUT/pytest-gpu.log" 2>&1
 tail -4 "$OUT/pytest-gpu.log"

@@ -194,6 +194,9 @@ def _transformer_of(policy) -> nn.Module:
         policy = policy.model
     if isinstance(policy, VelocityModel):
         policy = policy.transformer
+    if type(policy).__name__ == "WanVelocityModel":
+        raise ValueError("exporting a Wan policy is not supported yet (the run's checkpoints hold its trained "
+                         "parameters, every expert's LoRA included)")
     if hasattr(policy, "get_base_model"):  # peft.PeftModel (an adapter loaded with PeftModel.from_pretrained)
         policy = policy.get_base_model()
     if not isinstance(policy, nn.Module) or not hasattr(policy, "config"):

@@ -5,12 +5,13 @@ policy (with the negative prompt for CFG), the latent shape of one sample, the d
 latents to videos, the reward (named dimensions and a weighted total; NaN marks a failed
 sample, never 0), and optionally a manifold distance (how far a video is from the data).
 
-Two tasks: `WorldTask` (the synthetic world, the embedded default) and `HunyuanVideo15Task`
-(a local HunyuanVideo-1.5 pipeline's text encoders and VAE, prompts from files, a reward from
-sage_fast.rewards). `build_task` picks one by `task.kind`.
+The tasks: `WorldTask` (the synthetic world, the embedded default) and the real-video
+`PipelineTask`s, `HunyuanVideo15Task` and `WanTask` (a local diffusers pipeline's text encoders
+and VAE, prompts from files, a reward from sage_fast.rewards). `build_task` picks one by
+`task.kind`.
 
 Leaves to others: the world itself (sage_fast.world), the policy (sage_fast.models), the pipeline
-parts (sage_fast.models.hunyuan_pipeline), real reward models (sage_fast.rewards).
+parts (sage_fast.models.hunyuan_pipeline, sage_fast.models.wan), real reward models (sage_fast.rewards).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from sage_fast.rewards import RewardResult
 
-__all__ = ["RewardResult", "failed_reward", "held_out_prompts", "WorldTask", "HunyuanVideo15Task", "build_task"]
+__all__ = ["RewardResult", "failed_reward", "held_out_prompts", "WorldTask", "PipelineTask", "HunyuanVideo15Task", "WanTask",
+           "build_task"]
 
 log = logging.getLogger("sage_fast.task")
 
@@ -139,55 +141,66 @@ class WorldTask:
         return None if fn is None else fn(video_bcfhw)
 
 
-class HunyuanVideo15Task:
-    """A real text-to-video task: a local diffusers HunyuanVideo-1.5 pipeline's two text encoders
-    (every prompt encoded once at start, then the encoders are freed) and VAE, prompt files, and
-    a reward built from `video.reward` (sage_fast.rewards). No manifold distance: the data
-    manifold of real video is not known."""
+class PipelineTask:
+    """A real text-to-video task: a local diffusers pipeline's text encoder(s) (every prompt encoded
+    once at start, then the encoders are freed) and VAE, prompt files, and a reward built from
+    `video.reward` (sage_fast.rewards). No manifold distance: the data manifold of real video is
+    not known. A model family gives its encoder and decoder classes (`_classes`) and the check that
+    its transformer fits the text encoder (`_check_text`)."""
+
+    kind = ""
 
     def __init__(self, video_cfg, transformer_config, device="cpu") -> None:
-        from sage_fast.models.hunyuan_pipeline import PromptEncoder, VideoDecoder  # noqa: PLC0415
         from sage_fast.rewards import build_reward  # noqa: PLC0415
-        from sage_fast.world.prompts import read_prompts  # noqa: PLC0415
 
         self.cfg, self.device = video_cfg, torch.device(device)
         if video_cfg.pipeline is None or video_cfg.prompt_file is None:
-            raise ValueError("video.pipeline and video.prompt_file are required for task.kind='hunyuanvideo15'")
-        self.train_prompts = [r["prompt"] for r in read_prompts(video_cfg.prompt_file, grammar=False)]
-        if not self.train_prompts:
-            raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds no prompts")
-        if video_cfg.eval_prompt_file is not None:
-            self.eval_prompts = [r["prompt"] for r in read_prompts(video_cfg.eval_prompt_file, grammar=False)]
-            if not self.eval_prompts:
-                raise ValueError(f"video.eval_prompt_file={video_cfg.eval_prompt_file!r} holds no prompts")
-        else:  # held out: the first prompts evaluate and are not trained on
-            if len(self.train_prompts) <= video_cfg.num_eval_prompts:
-                raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds {len(self.train_prompts)} prompts: "
-                                 f"with no video.eval_prompt_file its first video.num_eval_prompts="
-                                 f"{video_cfg.num_eval_prompts} are held out for evaluation, leaving none to train on")
-            self.eval_prompts = self.train_prompts[:video_cfg.num_eval_prompts]
-            self.train_prompts = self.train_prompts[video_cfg.num_eval_prompts:]
-        overlap = set(self.eval_prompts) & set(self.train_prompts)
-        if overlap:
-            log.warning("%d evaluation prompts are also training prompts (e.g. %r): the evaluation is not held out",
-                        len(overlap), sorted(overlap)[0])
-        dtype = getattr(torch, video_cfg.dtype)
-        self.decoder = VideoDecoder(video_cfg.pipeline, device=self.device, dtype=dtype, tiling=video_cfg.vae_tiling)
+            raise ValueError(f"video.pipeline and video.prompt_file are required for task.kind={self.kind!r}")
+        self.train_prompts, self.eval_prompts = self._prompts(video_cfg)
+        dtype, (decoder_class, encoder_class) = getattr(torch, video_cfg.dtype), self._classes()
+        self.decoder = decoder_class(video_cfg.pipeline, device=self.device, dtype=dtype, tiling=video_cfg.vae_tiling)
         self.latent_shape = self.decoder.latent_shape(video_cfg.frames, video_cfg.height, video_cfg.width)
         if self.latent_shape[0] != transformer_config.out_channels:
             raise ValueError(f"the VAE of video.pipeline has {self.latent_shape[0]} latent channels but the model has "
                              f"out_channels={transformer_config.out_channels}")
-        self.encoder = PromptEncoder(video_cfg.pipeline, device=self.device, dtype=dtype)
-        for name, dim in (("text_embed_dim", self.encoder.text_encoder.config.hidden_size),
-                          ("text_embed_2_dim", self.encoder.text_encoder_2.config.d_model)):
-            if transformer_config[name] != dim:
-                raise ValueError(f"the text encoders of video.pipeline give width {dim} but the model has "
-                                 f"{name}={transformer_config[name]}")
+        self.encoder = encoder_class(video_cfg.pipeline, device=self.device, dtype=dtype)
+        self._check_text(self.encoder, transformer_config)
         self.negative_prompt = video_cfg.negative_prompt
         self.encoder.encode_all(self.train_prompts + self.eval_prompts + [self.negative_prompt],
                                 batch_size=video_cfg.text_batch)
         self.encoder.release()
         self.reward_fn = build_reward(video_cfg.reward, video_cfg.reward_weights, device=self.device)
+
+    @staticmethod
+    def _prompts(video_cfg) -> tuple[list[str], list[str]]:
+        from sage_fast.world.prompts import read_prompts  # noqa: PLC0415
+
+        train = [r["prompt"] for r in read_prompts(video_cfg.prompt_file, grammar=False)]
+        if not train:
+            raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds no prompts")
+        if video_cfg.eval_prompt_file is not None:
+            evals = [r["prompt"] for r in read_prompts(video_cfg.eval_prompt_file, grammar=False)]
+            if not evals:
+                raise ValueError(f"video.eval_prompt_file={video_cfg.eval_prompt_file!r} holds no prompts")
+        else:  # held out: the first prompts evaluate and are not trained on
+            if len(train) <= video_cfg.num_eval_prompts:
+                raise ValueError(f"video.prompt_file={video_cfg.prompt_file!r} holds {len(train)} prompts: "
+                                 f"with no video.eval_prompt_file its first video.num_eval_prompts="
+                                 f"{video_cfg.num_eval_prompts} are held out for evaluation, leaving none to train on")
+            evals, train = train[:video_cfg.num_eval_prompts], train[video_cfg.num_eval_prompts:]
+        overlap = set(evals) & set(train)
+        if overlap:
+            log.warning("%d evaluation prompts are also training prompts (e.g. %r): the evaluation is not held out",
+                        len(overlap), sorted(overlap)[0])
+        return train, evals
+
+    def _classes(self) -> tuple[type, type]:
+        """(decoder class, prompt encoder class) of the family: built from (pipeline folder, device, dtype)."""
+        raise NotImplementedError
+
+    def _check_text(self, encoder, transformer_config) -> None:
+        """The text encoder's width fits the transformer (a ValueError names both)."""
+        raise NotImplementedError
 
     def conditioning(self, prompt_list: list[str]):
         from sage_fast.models import Conditioning  # noqa: PLC0415
@@ -214,10 +227,46 @@ class HunyuanVideo15Task:
         return None
 
 
+class HunyuanVideo15Task(PipelineTask):
+    """HunyuanVideo-1.5: two text encoders (Qwen2.5-VL, ByT5) and its VAE."""
+
+    kind = "hunyuanvideo15"
+
+    def _classes(self):
+        from sage_fast.models.hunyuan_pipeline import PromptEncoder, VideoDecoder  # noqa: PLC0415
+
+        return VideoDecoder, PromptEncoder
+
+    def _check_text(self, encoder, transformer_config) -> None:
+        for name, dim in (("text_embed_dim", encoder.text_encoder.config.hidden_size),
+                          ("text_embed_2_dim", encoder.text_encoder_2.config.d_model)):
+            if transformer_config[name] != dim:
+                raise ValueError(f"the text encoders of video.pipeline give width {dim} but the model has "
+                                 f"{name}={transformer_config[name]}")
+
+
+class WanTask(PipelineTask):
+    """Wan 2.1 / 2.2 text-to-video: the UMT5 text encoder and the Wan VAE."""
+
+    kind = "wan"
+
+    def _classes(self):
+        from sage_fast.models.wan import WanPromptEncoder, WanVideoDecoder  # noqa: PLC0415
+
+        return WanVideoDecoder, WanPromptEncoder
+
+    def _check_text(self, encoder, transformer_config) -> None:
+        width = encoder.text_encoder.config.d_model
+        if transformer_config["text_dim"] != width:
+            raise ValueError(f"the text encoder of video.pipeline gives width {width} but the model has "
+                             f"text_dim={transformer_config['text_dim']}")
+
+
 def build_task(cfg, transformer_config, device="cpu"):
     """The task of `cfg.task.kind` (a TrainConfig)."""
     if cfg.task.kind == "world":
         return WorldTask(cfg.world, transformer_config, device=device, checkpoint=cfg.model.checkpoint)
-    if cfg.task.kind == "hunyuanvideo15":
-        return HunyuanVideo15Task(cfg.video, transformer_config, device=device)
-    raise ValueError(f"task.kind must be 'world' or 'hunyuanvideo15', got {cfg.task.kind!r}")
+    tasks = {"hunyuanvideo15": HunyuanVideo15Task, "wan": WanTask}
+    if cfg.task.kind not in tasks:
+        raise ValueError(f"task.kind must be one of {('world', *tasks)}, got {cfg.task.kind!r}")
+    return tasks[cfg.task.kind](cfg.video, transformer_config, device=device)

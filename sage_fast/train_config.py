@@ -5,17 +5,17 @@ recipes and the check that the files a run reads exist.
       run      output folder, steps, seeds, evaluation / checkpoint / log cadence, fault limits
       model    sage_fast.models.VelocityModelConfig: checkpoint or architecture, LoRA/full, autocast
       sampler  sage_fast.grpo.rollout.SamplerConfig: steps, shift, SDE type, eta, window, CFG
-      task     which task: 'world' (the synthetic world) or 'hunyuanvideo15' (a real pipeline)
+      task     which task: 'world' (the synthetic world), 'hunyuanvideo15' or 'wan' (a real pipeline)
       world    the synthetic world (prompts, video size, reward weights)
-      video    a local HunyuanVideo-1.5 pipeline's text encoders and VAE, prompt files, reward
+      video    a local pipeline's text encoders and VAE, prompt files, reward
       grpo     batch and group sizes, trained steps, clip range, equalizer, KL (dual trust region)
       optim    AdamW and gradient clipping
       dist     data parallel strategy and sequence parallel degree
 
 Recipes (`--recipe NAME`): `tiny_world` (the default: the shipped tiny model on the synthetic
-world, CPU-sized) and `hunyuanvideo15_480p` (a local diffusers HunyuanVideo-1.5 480p t2v
-pipeline, the paper's settings, for GPU clusters). Any field can be overridden as
-`section.field=value`.
+world, CPU-sized), `hunyuanvideo15_480p` (a local diffusers HunyuanVideo-1.5 480p t2v pipeline,
+the paper's settings), `wan21_t2v_1.3b_480p` and `wan22_a14b_t2v_480p` (local diffusers Wan
+pipelines), the last three for GPU clusters. Any field can be overridden as `section.field=value`.
 """
 
 from __future__ import annotations
@@ -87,6 +87,63 @@ def hunyuanvideo15_480p() -> TrainConfig:
     )
 
 
+def wan_root(name: str, env: str) -> str:
+    """Where a Wan recipe looks for its pipeline: $env, else a local folder named like the
+    diffusers conversion on the hub (Wan-AI/<name>)."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get(env, f"checkpoints/{name}")
+
+
+@recipe("wan21_t2v_1.3b_480p")
+def wan21_t2v_1_3b_480p() -> TrainConfig:
+    """Wan 2.1 text-to-video 1.3B at 480p: 81 x 480 x 832 (16 x 21 x 60 x 104 latents), flow shift 3
+    and CFG 5 (diffusers' Wan 2.1 480p example; Pref-GRPO's Wan 2.1 GRPO script also uses shift 3 and
+    CFG 5), 20 rollout steps, G = 8 (Pref-GRPO's group size), LoRA on every attention and FFN linear
+    layer, bf16 autocast and activation checkpointing, DDP (FSDP2 and Ulysses are not wired for Wan
+    yet; neither is the final export: the checkpoints hold the LoRA). SAGE-GRPO with the dual
+    moving-anchor KL; every SDE type and KL mode can be chosen. Point `video.pipeline` and `model.checkpoint` (or
+    $SAGE_FAST_WAN21) at a local Wan2.1-T2V-1.3B-Diffusers folder."""
+    root = wan_root("Wan2.1-T2V-1.3B-Diffusers", "SAGE_FAST_WAN21")
+    return TrainConfig(
+        run=RunConfig(output_dir="runs/wan21_t2v_1.3b_480p", steps=200, eval_every=20, save_every=10,
+                      save_videos=True, export_final=False),
+        model=VelocityModelConfig(family="wan", checkpoint=root, finetune="lora", lora_rank=32, lora_alpha=32.0,
+                                  autocast_dtype="bfloat16", gradient_checkpointing=True),
+        sampler=SamplerConfig(num_steps=20, shift=3.0, sde_type="sage_grpo", eta=0.5, cfg_scale=5.0),
+        task=TaskConfig(kind="wan"),
+        video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480, width=832,
+                          vae_tiling=False),
+        grpo=GRPOConfig(samples_per_rank=2, group_size=8, micro_batch=1, clip_range=1e-4,
+                        kl_mode="dual_moving", beta=0.01, update_ref_every=10),
+        optim=OptimConfig(lr=1e-5),
+        dist=DistConfig(strategy="ddp", sp=1),
+    )
+
+
+@recipe("wan22_a14b_t2v_480p")
+def wan22_a14b_t2v_480p() -> TrainConfig:
+    """Wan 2.2 text-to-video A14B (two 14B experts: `transformer` above the boundary timestep, i.e.
+    high noise, `transformer_2` below it) at 480p: 81 x 480 x 832, flow shift 12 and the boundary
+    0.875 of the Wan 2.2 release's T2V-A14B config (the boundary is read from the folder's
+    model_index.json), CFG 4 (that config's high-noise scale; its low-noise expert uses 3, and one
+    scale serves both here), 20 rollout steps, G = 8, LoRA on both experts (model.experts), bf16,
+    activation checkpointing, DDP (the frozen base replicated: ~56 GB of bf16 weights a GPU). Point `video.pipeline` and `model.checkpoint` (or
+    $SAGE_FAST_WAN22) at a local Wan2.2-T2V-A14B-Diffusers folder."""
+    root = wan_root("Wan2.2-T2V-A14B-Diffusers", "SAGE_FAST_WAN22")
+    cfg = wan21_t2v_1_3b_480p()
+    return TrainConfig(
+        run=RunConfig(output_dir="runs/wan22_a14b_t2v_480p", steps=200, eval_every=20, save_every=10,
+                      save_videos=True, export_final=False),
+        model=VelocityModelConfig(family="wan", checkpoint=root, finetune="lora", lora_rank=32, lora_alpha=32.0,
+                                  autocast_dtype="bfloat16", gradient_checkpointing=True, experts="both"),
+        sampler=SamplerConfig(num_steps=20, shift=12.0, sde_type="sage_grpo", eta=0.5, cfg_scale=4.0),
+        task=cfg.task, video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480,
+                                         width=832, vae_tiling=False),
+        grpo=cfg.grpo, optim=cfg.optim, dist=cfg.dist,
+    )
+
+
 def check_paths(cfg: TrainConfig) -> None:
     """Before any work: every file the run will read exists (ValueErrors name the field)."""
     from sage_fast.rewards import check_python_parts, parse_reward_spec  # noqa: PLC0415
@@ -107,17 +164,20 @@ def check_paths(cfg: TrainConfig) -> None:
         return
     v = cfg.video
     if v.pipeline is None:
-        raise ValueError("video.pipeline must name a local diffusers HunyuanVideo-1.5 pipeline folder when "
-                         "task.kind='hunyuanvideo15'")
-    from sage_fast.models.hunyuan_pipeline import check_pipeline_folder  # noqa: PLC0415
+        raise ValueError(f"video.pipeline must name a local diffusers pipeline folder when task.kind={cfg.task.kind!r}")
+    if cfg.task.kind == "wan":
+        from sage_fast.models.wan import check_wan_pipeline_folder  # noqa: PLC0415
 
+        check = check_wan_pipeline_folder
+    else:
+        from sage_fast.models.hunyuan_pipeline import check_pipeline_folder as check  # noqa: PLC0415
     try:
-        check_pipeline_folder(v.pipeline)
+        check(v.pipeline)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from e
     if cfg.model.checkpoint is None:
-        raise ValueError("model.checkpoint must name the transformer (or the pipeline folder) when "
-                         "task.kind='hunyuanvideo15'")
+        raise ValueError(f"model.checkpoint must name the transformer (or the pipeline folder) when "
+                         f"task.kind={cfg.task.kind!r}")
     for name in ("prompt_file", "eval_prompt_file"):
         value = getattr(v, name)
         if name == "prompt_file" and value is None:
@@ -132,7 +192,10 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ValueError(f"video.prompt_file={v.prompt_file!r} holds {count} prompts: with no "
                              f"video.eval_prompt_file its first video.num_eval_prompts={v.num_eval_prompts} are held "
                              "out for evaluation, leaving none to train on")
-    check_python_parts(v.reward)
-    for kind, arg in parse_reward_spec(v.reward):
-        if kind == "clip_score" and not Path(arg).is_dir():
-            raise ValueError(f"video.reward: clip_score={arg!r} is not a folder (a local CLIP model)")
+    for field, spec in (("video.reward", v.reward), ("video.eval_metrics", v.eval_metrics)):
+        if not spec.strip():
+            continue
+        check_python_parts(spec, field)
+        for kind, arg in parse_reward_spec(spec, field):
+            if kind in ("clip_score", "pickscore") and not Path(arg).is_dir():
+                raise ValueError(f"{field}: {kind}={arg!r} is not a folder (a local CLIP model)")

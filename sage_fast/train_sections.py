@@ -24,7 +24,7 @@ __all__ = ["RunConfig", "TaskConfig", "WorldConfig", "VideoConfig", "GRPOConfig"
            "preempt_signal_numbers"]
 
 REF_SOURCES = ("training_phase", "rollout_phase")
-TASK_KINDS = ("world", "hunyuanvideo15")
+TASK_KINDS = ("world", "hunyuanvideo15", "wan")
 GROUP_NOISE = ("independent", "shared")
 PIPELINE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -142,7 +142,8 @@ class WorldConfig:
 @dataclass
 class TaskConfig:
     kind: str = "world"
-    """'world' (the synthetic world, section `world`) or 'hunyuanvideo15' (section `video`)."""
+    """'world' (the synthetic world, section `world`), or a real pipeline (section `video`): 'hunyuanvideo15'
+    or 'wan' (Wan 2.1 / 2.2 text-to-video; needs model.family='wan')."""
     reward_timeout_s: float = 0.0
     """Seconds a batch's reward may take; > 0 runs the reward in a worker process that is killed past it
     (the batch's samples then count as failed rewards and the run goes on). 0 = in process, no limit."""
@@ -158,7 +159,8 @@ class TaskConfig:
 @dataclass
 class VideoConfig:
     pipeline: str | None = None
-    """Local diffusers HunyuanVideo-1.5 pipeline folder (text_encoder, tokenizer, text_encoder_2, tokenizer_2, vae)."""
+    """Local diffusers pipeline folder: HunyuanVideo-1.5 (text_encoder, tokenizer, text_encoder_2, tokenizer_2, vae)
+    or Wan (tokenizer, text_encoder, vae, scheduler, transformer[, transformer_2]), as task.kind says."""
     prompt_file: str | None = None
     """Training prompts, .txt (one per line) or .jsonl (objects with 'prompt')."""
     eval_prompt_file: str | None = None
@@ -174,7 +176,11 @@ class VideoConfig:
     width: int = 848
     """Video width in pixels (a multiple of 16)."""
     reward: str = "clip_score=checkpoints/clip-vit-large-patch14"
-    """Reward parts, comma-separated kind=argument: clip_score=<CLIP folder>, python=<module>:<function> (sage_fast.rewards)."""
+    """Reward parts, comma-separated kind=argument: clip_score=<CLIP folder>, pickscore=<PickScore folder>,
+    python=<module>:<function> (sage_fast.rewards)."""
+    eval_metrics: str = ""
+    """Metrics scored beside the reward at evaluation (eval/<name>), the kinds of video.reward, e.g.
+    clip_score=<CLIP folder>,pickscore=<PickScore folder> (the paper's Table 2); empty = none."""
     reward_weights: str = ""
     """JSON {dimension: weight}; empty = weight 1 for every returned dimension."""
     dtype: str = "bfloat16"
@@ -199,6 +205,8 @@ class VideoConfig:
         from sage_fast.rewards import parse_reward_spec, parse_weights  # noqa: PLC0415
 
         parse_reward_spec(self.reward)
+        if self.eval_metrics.strip():
+            parse_reward_spec(self.eval_metrics, "video.eval_metrics")
         parse_weights(self.reward_weights)
 
 
@@ -320,6 +328,14 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
+        family = self.model.family
+        if (self.task.kind == "wan") != (family == "wan"):
+            raise ValueError(f"task.kind={self.task.kind!r} and model.family={family!r} do not fit: task.kind='wan' "
+                             "goes with model.family='wan' (and only it)")
+        if family == "wan" and (self.dist.sp != 1 or self.dist.strategy != "ddp"):
+            raise ValueError(f"model.family='wan' runs with dist.strategy='ddp' and dist.sp=1 for now (got "
+                             f"{self.dist.strategy!r}, sp={self.dist.sp}): FSDP2 and Ulysses are wired for "
+                             "HunyuanVideo-1.5's blocks and attention only")
         if self.grpo.train_steps is not None and self.grpo.train_steps > len(self.sampler.stochastic_steps()):
             raise ValueError(f"grpo.train_steps={self.grpo.train_steps} exceeds the "
                              f"{len(self.sampler.stochastic_steps())} steps of the SDE window")

@@ -44,7 +44,7 @@ from sage_fast.metrics import LossTotals, MetricsWriter, PerStepStats, PhaseTime
 from sage_fast.models import build_policy_model
 from sage_fast.parallel import DataAxis, parallelize
 from sage_fast.reward_worker import TaskReward, TimedReward
-from sage_fast.rewards import RewardResult
+from sage_fast.rewards import RewardResult, build_metrics
 from sage_fast.task import build_task
 
 __all__ = ["Trainer"]
@@ -82,6 +82,7 @@ class Trainer:
         self.layout = BatchLayout.of_rank(self.axis.rank, self.axis.size, g.samples_per_rank, g.group_size)
         self.prompts_per_iter = self.layout.total // g.group_size
         self.task = build_task(cfg, self.model.transformer.config, device=self.device)
+        self.eval_metrics = build_metrics(cfg.video.eval_metrics, device=self.device)  # beside the reward
         self.trainable = self.strategy.trainable
         self.optimizer = self.strategy.make_optimizer(lambda params: torch.optim.AdamW(
             params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay))
@@ -239,7 +240,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Fixed prompts and fixed noise, deterministic sampler: comparable across iterations."""
         out, self.last_eval_video = evaluate(self.eval_engine, self.task, self.reward,
-                                             seed=eval_seed(self.cfg.run.seed), device=self.device)
+                                             seed=eval_seed(self.cfg.run.seed), device=self.device,
+                                             metrics=self.eval_metrics)
         out = {"iteration": self.iteration, "eval_key": eval_key(self.cfg, self.task), **out}
         self.history.append(out)
         return out

@@ -28,7 +28,7 @@ def test_checkpoint_is_small_and_loads_through_the_model_adapter():
 def test_base_model_samples_beat_noise_on_every_dimension():
     model, encoder, world = load_base_model()
     # 16 prompts: per sample MQ is nearly all-or-nothing (0, or 0.4-0.9), so a mean over 4 samples
-    # has a standard deviation near 0.15 and its verdict depends on the draw (docs/LOG.md, session 6)
+    # has a standard deviation near 0.15 and its verdict depends on the draw (docs/LOG.md, 2026-11-24)
     prompts, _ = sample_prompts(16, seed=99)
     # fewer ODE steps than the card (20) to keep the test fast; still far from noise
     samples = sample_videos(model, encoder, prompts, seed=0, steps=10, shift=world["sampling"]["shift"],

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import TextEmbeddings, stack_text
+from .prompt_cache import CachedPromptEncoder
 
 __all__ = ["PIPELINE_PARTS", "PromptEncoder", "VideoDecoder", "check_pipeline_folder"]
 
@@ -53,8 +54,12 @@ def _pipeline_class():
     return HunyuanVideo15Pipeline
 
 
-class PromptEncoder:
-    """Both text encoders of a pipeline folder; `encode(prompts)` -> TextEmbeddings (cached, CPU)."""
+class PromptEncoder(CachedPromptEncoder):
+    """Both text encoders of a pipeline folder; `encode(prompts)` -> TextEmbeddings (cached, CPU).
+    `encode_all`, `released` and `release` (both encoders) come from `CachedPromptEncoder`."""
+
+    ENCODERS = ("text_encoder", "text_encoder_2")
+    log = log
 
     # diffusers' HunyuanVideo15Pipeline constants (see its __init__)
     MAX_LENGTH, MAX_LENGTH_2, CROP_START = 1000, 256, 108
@@ -71,11 +76,7 @@ class PromptEncoder:
         self.text_encoder_2 = T5EncoderModel.from_pretrained(path / "text_encoder_2", torch_dtype=dtype,
                                                              local_files_only=True).to(self.device).eval()
         self.system_message = _system_message()
-        self._cache: dict[str, TextEmbeddings] = {}
-
-    @property
-    def released(self) -> bool:
-        return self.text_encoder is None
+        super().__init__()  # the cache: prompt -> TextEmbeddings [1, n, D] in the encoders' dtype
 
     @torch.no_grad()
     def _encode_batch(self, prompts: list[str]) -> list[TextEmbeddings]:
@@ -97,28 +98,10 @@ class PromptEncoder:
                                       emb_2[i:i + 1, :n2].cpu().clone(), mask_2[i:i + 1, :n2].cpu().clone()))
         return out
 
-    def encode_all(self, prompts: list[str], batch_size: int = 8) -> None:
-        """Encode and cache every prompt not cached yet."""
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if todo and self.released:
-            raise RuntimeError(f"the text encoders were released; {len(todo)} prompts are not cached "
-                               f"(first: {todo[0]!r})")
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            self._cache.update(zip(chunk, self._encode_batch(chunk)))
-        if todo:
-            log.info("encoded %d prompts", len(todo))
-
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """The batch [B, L, D] (padded to the longest prompt of the batch, mask 0), on CPU, float32."""
         self.encode_all(prompts)
         return TextEmbeddings(*stack_text([self._cache[p] for p in prompts])).to(dtype=torch.float32)
-
-    def release(self) -> None:
-        """Free both encoders (the cache stays): GRPO encodes its fixed prompt set once."""
-        self.text_encoder = self.text_encoder_2 = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def _system_message() -> str:

@@ -1,15 +1,16 @@
-"""The HunyuanVideo-1.5 policy as the trainer builds it: config, transformer, LoRA.
+"""The policy as the trainer builds it: config, transformer, LoRA (HunyuanVideo-1.5; Wan by dispatch).
 
-Owns: `VelocityModelConfig` (checkpoint or architecture, fine-tuning mode, LoRA, attention
-backend, autocast, prediction mode) and building from it: the transformer (random init by
-architecture name, `build_transformer`, or loaded strictly from local files, `load_transformer`),
-its attention backend, LoRA (`apply_lora`) or full fine-tuning, activation checkpointing, and
-the `VelocityModel` around it (`build_velocity_model`; `build_policy_model` for the policy a
-run's seed starts from).
+Owns: `VelocityModelConfig` (model family, checkpoint or architecture, fine-tuning mode, LoRA,
+attention backend, autocast, prediction mode, Wan experts) and building from it: the
+HunyuanVideo-1.5 transformer (random init by architecture name, `build_transformer`, or loaded
+strictly from local files, `load_transformer`), its attention backend, LoRA (`lora.apply_lora`)
+or full fine-tuning, activation checkpointing, and the `VelocityModel` around it
+(`build_velocity_model`; `build_policy_model` for the policy a run's seed starts from). Family
+'wan' is dispatched to `wan.build_wan_velocity_model`.
 
-Leaves to others: the velocity call itself (`velocity`), the conditioning (`conditioning`),
-the architectures by name (`configs`), the pipeline's text encoders and VAE
-(`hunyuan_pipeline`), distribution (`sage_fast.parallel`).
+Leaves to others: the velocity call itself (`velocity`, `wan`), the conditioning (`conditioning`),
+the architectures by name (`configs`), the pipelines' text encoders and VAEs
+(`hunyuan_pipeline`, `wan`), distribution (`sage_fast.parallel`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +28,13 @@ from sage_fast.attention import install_attention
 from sage_fast.grpo.data import derive_seed
 
 from .configs import architecture
+from .lora import DEFAULT_LORA_TARGETS, WAN_LORA_TARGETS, apply_lora
 from .velocity import PREDICTION_KEY, PREDICTIONS, VelocityModel
+from .wan import WAN_EXPERTS, WanVelocityModel, build_wan_velocity_model
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "FAMILIES",
     "FINETUNE_MODES",
     "DEFAULT_LORA_TARGETS",
     "VelocityModelConfig",
@@ -47,10 +50,8 @@ log = logging.getLogger("sage_fast.models")
 CLASS_NAME = "HunyuanVideo15Transformer3DModel"
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 FINETUNE_MODES = ("lora", "full")
-#: module names inside each double-stream block that get LoRA: the joint attention's projections
-#: (video and text streams). The token refiner's attention is not targeted.
-DEFAULT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                        "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+#: model families (`VelocityModelConfig.family`): the diffusers transformer class behind the policy
+FAMILIES = ("hunyuanvideo15", "wan")
 
 
 def _transformer_class():
@@ -65,11 +66,24 @@ def _transformer_class():
 
 @dataclass
 class VelocityModelConfig:
+    family: str = "hunyuanvideo15"
+    """The model family: 'hunyuanvideo15' (HunyuanVideo15Transformer3DModel, `VelocityModel`) or
+    'wan' (Wan 2.1 / 2.2 text-to-video, WanTransformer3DModel, `wan.WanVelocityModel`)."""
     architecture: str = "tiny"
-    """Architecture name in `configs.ARCHITECTURES` (random init) when no checkpoint is given."""
+    """Architecture name in `configs.ARCHITECTURES` (random init) when no checkpoint is given
+    (family 'hunyuanvideo15' only: a Wan policy always comes from a checkpoint)."""
     checkpoint: str | None = None
-    """Local diffusers folder (config.json + diffusion_pytorch_model*.safetensors, or a pipeline
-    folder with `transformer/`) or one .safetensors file. Never a hub id: nothing is downloaded."""
+    """hunyuanvideo15: a local diffusers folder (config.json + diffusion_pytorch_model*.safetensors,
+    or a pipeline folder with `transformer/`) or one .safetensors file; None = random init of
+    `architecture`. wan: the local WanPipeline folder (required; its `transformer/`, and
+    `transformer_2/` with model_index.json's boundary_ratio for Wan 2.2 A14B). Never a hub id:
+    nothing is downloaded."""
+    experts: str = "both"
+    """family 'wan': which expert of a two-expert (Wan 2.2 A14B) folder trains: 'both', 'high'
+    (`transformer`, the steps t >= boundary) or 'low' (`transformer_2`); each trained expert gets
+    its own LoRA (or all its weights with finetune='full'), the others stay frozen and take no
+    LoRA. A one-expert folder allows 'both' and 'high' (its one transformer). Must stay 'both'
+    for 'hunyuanvideo15'."""
     checkpoint_config: str | None = None
     """config.json for a bare .safetensors checkpoint (default: the config.json next to it)."""
     autocast_dtype: str = "bfloat16"
@@ -83,10 +97,17 @@ class VelocityModelConfig:
     lora_alpha: float = 32.0
     """LoRA scale numerator: delta = (alpha / r) * B A."""
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    """Module names relative to a double-stream block (`transformer_blocks.<i>.`) that get LoRA,
-    e.g. 'attn.to_q' or 'ff.net.0.proj'."""
+    """Module names relative to a block that get LoRA: for 'hunyuanvideo15' a double-stream block
+    (`transformer_blocks.<i>.`, e.g. 'attn.to_q' or 'ff.net.0.proj'), for 'wan' a Wan block
+    (`blocks.<i>.`, e.g. 'attn1.to_q' or 'ffn.net.2'). Each family's default: __post_init__
+    replaces a value equal to the other family's default by this family's (DEFAULT_LORA_TARGETS
+    <-> WAN_LORA_TARGETS; no name of either exists in the other's blocks, so nothing a user could
+    mean is lost), so the default given with family 'wan', or a recipe's targets after a
+    `model.family=` override, name modules that exist."""
     attention_backend: str = "auto"
-    """'auto', 'fa3', 'fa2', 'xformers', 'sdpa' or 'sdpa_math' (see sage_fast.attention)."""
+    """'auto', 'fa3', 'fa2', 'xformers', 'sdpa' or 'sdpa_math' (see sage_fast.attention).
+    family 'wan': 'auto' or 'sdpa' only, both meaning diffusers' own Wan attention processor
+    (SDPA); sage_fast's backends are installed on HunyuanVideo-1.5's joint attention only."""
     architecture_overrides: dict = field(default_factory=dict)
     """Config fields overriding the named architecture (random init only)."""
     prediction: str | None = None
@@ -97,6 +118,18 @@ class VelocityModelConfig:
     def __post_init__(self):
         from sage_fast.attention.backends import CHOICES  # noqa: PLC0415
 
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.experts not in WAN_EXPERTS:
+            raise ValueError(f"model.experts must be one of {WAN_EXPERTS}, got {self.experts!r}")
+        if self.family == "wan":
+            self._check_wan()
+        else:
+            if self.experts != "both":
+                raise ValueError(f"model.experts={self.experts!r} applies to family 'wan' (two-expert Wan 2.2); "
+                                 "family 'hunyuanvideo15' has one transformer: leave it 'both'")
+            if tuple(self.lora_target_modules) == WAN_LORA_TARGETS:
+                self.lora_target_modules = DEFAULT_LORA_TARGETS  # the family's default (see the field's doc)
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype must be one of {tuple(AUTOCAST_DTYPES)}, got {self.autocast_dtype!r}")
         if self.finetune not in FINETUNE_MODES:
@@ -114,6 +147,22 @@ class VelocityModelConfig:
         elif self.architecture_overrides:
             raise ValueError("architecture_overrides apply to a random init only; the checkpoint's "
                              "config.json defines the architecture")
+
+    def _check_wan(self) -> None:
+        if self.checkpoint is None:
+            raise ValueError("model.checkpoint is required for model.family='wan': the local WanPipeline folder "
+                             "(there is no random-init Wan architecture by name)")
+        if self.checkpoint_config is not None:
+            raise ValueError("model.checkpoint_config applies to family 'hunyuanvideo15'; a Wan checkpoint is "
+                             "a pipeline folder whose transformer/config.json defines the architecture")
+        if self.attention_backend not in ("auto", "sdpa"):
+            raise ValueError(f"model.attention_backend must be 'auto' or 'sdpa' for model.family='wan' (diffusers' "
+                             f"Wan attention processor), got {self.attention_backend!r}")
+        if self.prediction not in (None, "velocity"):
+            raise ValueError(f"model.prediction must be None or 'velocity' for model.family='wan' (Wan predicts "
+                             f"the velocity), got {self.prediction!r}")
+        if tuple(self.lora_target_modules) == DEFAULT_LORA_TARGETS:
+            self.lora_target_modules = WAN_LORA_TARGETS  # the family's default (see the field's doc)
 
 
 
@@ -223,27 +272,18 @@ def load_transformer(path: str | Path, config: dict | str | Path | None = None, 
     return model.to(device)
 
 
-def apply_lora(transformer: nn.Module, rank: int = 32, alpha: float = 32.0,
-               target_modules=DEFAULT_LORA_TARGETS) -> list[str]:
-    """Freeze the base weights and add a peft LoRA adapter to `target_modules` of every
-    double-stream block (B initialised to zero, so the output is unchanged until training).
-    Returns the names of the trainable parameters."""
-    from peft import LoraConfig  # noqa: PLC0415
-
-    # peft full-matches a string target as a regex against every module name
-    pattern = r"transformer_blocks\.\d+\.(" + "|".join(re.escape(t) for t in target_modules) + ")"
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, init_lora_weights=True))
-    names = [n for n, p in transformer.named_parameters() if p.requires_grad]
-    if not names or any("lora_" not in n for n in names):
-        raise ValueError(f"LoRA targets {list(target_modules)} matched no module (or left base weights trainable)")
-    return names
-
-
-def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu", seed: int | None = 0) -> VelocityModel:
+def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu",
+                         seed: int | None = 0) -> VelocityModel | WanVelocityModel:
     """Transformer (loaded or random), attention backend (chosen and logged once), LoRA or full
-    fine-tuning, activation checkpointing, autocast: the policy the trainer drives."""
+    fine-tuning, activation checkpointing, autocast: the policy the trainer drives. Family
+    'wan': `wan.build_wan_velocity_model` on the checkpoint folder (`seed` unused: no random init)."""
     config = config or VelocityModelConfig()
+    if config.family == "wan":
+        return build_wan_velocity_model(config.checkpoint, finetune=config.finetune, experts=config.experts,
+                                        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                        lora_targets=config.lora_target_modules,
+                                        gradient_checkpointing=config.gradient_checkpointing,
+                                        autocast_dtype=AUTOCAST_DTYPES[config.autocast_dtype], device=device)
     if config.checkpoint is not None:
         transformer = load_transformer(config.checkpoint, config.checkpoint_config, device=device)
     else:
@@ -264,7 +304,8 @@ def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu"
     return VelocityModel(transformer, AUTOCAST_DTYPES[config.autocast_dtype])
 
 
-def build_policy_model(model_cfg: VelocityModelConfig, run_seed: int, device="cpu") -> VelocityModel:
+def build_policy_model(model_cfg: VelocityModelConfig, run_seed: int,
+                       device="cpu") -> VelocityModel | WanVelocityModel:
     """The policy a run with `run.seed` starts from. LoRA's initialisation draws from the global
     RNG: seed it, so every run (and rank, and an export rebuilding the run) with the same
     run.seed starts from the same policy."""

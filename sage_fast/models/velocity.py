@@ -31,6 +31,9 @@ velocity conversion (`PREDICTIONS`, `SAMPLE_SIGMA_MIN`, `PREDICTION_KEY`).
   from the checkpoint's config.json key `_sage_fast_prediction` (absent = "velocity").
 - Determinism: the same inputs give the same velocity bit for bit on CPU.
 
+The call's contract (input checks, guidance, autocast) is the module's functions
+`velocity_inputs`, `is_guided`, `guide`, `autocast`, which `wan.WanVelocityModel` shares.
+
 Leaves to others: building, loading and LoRA (`hunyuan_video15`), the conditioning containers
 (`conditioning`), the batched-text forward (`hunyuan_forward`), the text encoders and VAE
 (cached embeddings come in), the sampler and the GRPO loss, distribution (`sage_fast.parallel`
@@ -47,7 +50,8 @@ from torch import nn
 from .conditioning import Conditioning, stack_text
 from .hunyuan_forward import forward_batched_text
 
-__all__ = ["PREDICTIONS", "PREDICTION_KEY", "SAMPLE_SIGMA_MIN", "VelocityModel"]
+__all__ = ["PREDICTIONS", "PREDICTION_KEY", "SAMPLE_SIGMA_MIN", "VelocityModel", "autocast", "guide", "is_guided",
+           "velocity_inputs"]
 
 #: what the transformer's raw output is: the velocity x1 - x0, or the clean sample x0
 PREDICTIONS = ("velocity", "sample")
@@ -56,6 +60,50 @@ PREDICTIONS = ("velocity", "sample")
 SAMPLE_SIGMA_MIN = 0.05
 #: config.json key holding the prediction mode (leading "_": not a constructor argument)
 PREDICTION_KEY = "_sage_fast_prediction"
+
+
+# ---------------------------------------------------------------------------------------------
+# The call's contract, shared by every velocity model (this one and `wan.WanVelocityModel`)
+
+
+def velocity_inputs(latents_bcthw: torch.Tensor, timestep, latent_channels: int) -> tuple[torch.dtype, torch.Tensor]:
+    """(out_dtype, timestep_b) of a call: the latents checked as [B, latent_channels, T, H, W];
+    out_dtype float64 for float64 latents (test references stay float64 end to end), else
+    float32; `timestep` (a scalar or [B]) as a [B] tensor of out_dtype on the latents' device."""
+    if latents_bcthw.dim() != 5 or latents_bcthw.shape[1] != latent_channels:
+        raise ValueError(f"latents must be [B, {latent_channels}, T, H, W], got {tuple(latents_bcthw.shape)}")
+    B, device = latents_bcthw.shape[0], latents_bcthw.device
+    out_dtype = torch.float64 if latents_bcthw.dtype == torch.float64 else torch.float32
+    timestep_b = torch.as_tensor(timestep, dtype=out_dtype, device=device)
+    if timestep_b.dim() == 0:
+        timestep_b = timestep_b.expand(B)
+    if timestep_b.shape != (B,):
+        raise ValueError(f"timestep must be a scalar or of shape [{B}], got {tuple(timestep_b.shape)}")
+    return out_dtype, timestep_b
+
+
+def is_guided(cfg_scale: float | torch.Tensor) -> bool:
+    """False only for the plain number 1 (then only the prompt rows run); any tensor guides."""
+    return not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
+
+
+def guide(out_2b: torch.Tensor, batch: int, cfg_scale: float | torch.Tensor) -> torch.Tensor:
+    """v_uncond + cfg_scale * (v_cond - v_uncond) from one forward of 2B rows (rows [0, B)
+    negative, [B, 2B) prompt); cfg_scale a float or a [B] tensor, cast to the output's dtype."""
+    v_uncond, v_cond = out_2b[:batch], out_2b[batch:]
+    scale = torch.as_tensor(cfg_scale, dtype=out_2b.dtype, device=out_2b.device)
+    if scale.dim() == 1:
+        if scale.shape != (batch,):
+            raise ValueError(f"cfg_scale must be a float or of shape [{batch}], got {tuple(scale.shape)}")
+        scale = scale.view(batch, 1, 1, 1, 1)
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """torch.autocast(dtype) on the device's type; a null context for dtype None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class VelocityModel(nn.Module):
@@ -80,11 +128,6 @@ class VelocityModel(nn.Module):
             raise ValueError(f"in_channels={cfg.in_channels} must be 2 * out_channels + 1 = "
                              f"{2 * cfg.out_channels + 1} (latent | condition | mask)")
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
     def forward(self, latents_bcthw, timestep, conditioning, cfg_scale=1.0):
         return self.velocity(latents_bcthw, timestep, conditioning, cfg_scale)
 
@@ -92,17 +135,9 @@ class VelocityModel(nn.Module):
                  cfg_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """The (guided) velocity for B samples; see the module docstring for the contract."""
         cfg = self.transformer.config
-        if latents_bcthw.dim() != 5 or latents_bcthw.shape[1] != self.latent_channels:
-            raise ValueError(f"latents must be [B, {self.latent_channels}, T, H, W], got {tuple(latents_bcthw.shape)}")
+        out_dtype, timestep_b = velocity_inputs(latents_bcthw, timestep, self.latent_channels)
         B, device = latents_bcthw.shape[0], latents_bcthw.device
-        # float64 runs (test references) stay float64 end to end; everything else returns float32
-        out_dtype = torch.float64 if latents_bcthw.dtype == torch.float64 else torch.float32
-        timestep_b = torch.as_tensor(timestep, dtype=out_dtype, device=device)
-        if timestep_b.dim() == 0:
-            timestep_b = timestep_b.expand(B)
-        if timestep_b.shape != (B,):
-            raise ValueError(f"timestep must be a scalar or of shape [{B}], got {tuple(timestep_b.shape)}")
-        guided = not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
+        guided = is_guided(cfg_scale)
         conditioning.prompt.check("prompt", B, cfg)
         if guided:
             if conditioning.negative is None:
@@ -134,7 +169,7 @@ class VelocityModel(nn.Module):
             text = stack_text([conditioning.prompt])
             timestep_in = timestep_b
         embeds, mask_1, embeds_2, mask_2 = text
-        with self._autocast(device):
+        with autocast(self.autocast_dtype, device):
             if self.batched_text:
                 out = forward_batched_text(self.transformer, x_in, timestep_in, embeds, mask_1, embeds_2, mask_2,
                                            image, text_to_video=True if conditioning.image_embeds_bnd is None else None)
@@ -148,13 +183,7 @@ class VelocityModel(nn.Module):
         if guided:
             # guidance is linear and the sample -> velocity map affine in the raw output with the
             # same x and sigma for both halves: guiding the raw outputs guides the velocities
-            v_uncond, v_cond = out[:B], out[B:]
-            scale = torch.as_tensor(cfg_scale, dtype=out_dtype, device=device)
-            if scale.dim() == 1:
-                if scale.shape != (B,):
-                    raise ValueError(f"cfg_scale must be a float or of shape [{B}], got {tuple(scale.shape)}")
-                scale = scale.view(B, 1, 1, 1, 1)
-            out = v_uncond + scale * (v_cond - v_uncond)
+            out = guide(out, B, cfg_scale)
         if self.prediction == "sample":
             sigma = (timestep_b / 1000.0).clamp(min=SAMPLE_SIGMA_MIN).view(B, 1, 1, 1, 1)
             out = (latents_bcthw.to(out_dtype) - out) / sigma

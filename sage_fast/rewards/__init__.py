@@ -7,12 +7,17 @@ it from its group's advantages, never treats it as 0). Parts are named in one st
 
     clip_score=/models/clip-vit-large-patch14   CLIPScore: cosine of frame and prompt embeddings
                                                 (transformers CLIPModel from a local folder)
+    pickscore=/models/PickScore_v1              PickScore: exp(logit_scale) x cosine, mean over frames
+                                                (a CLIPModel + CLIP processor folder, local)
     python=my_pkg.videoalign:score              any importable function with the same call;
                                                 how VideoAlign (VQ/MQ/TA, the paper's reward)
                                                 plugs in, since its model code ships with it
 
 The total is the weighted sum of the dimensions (`video.reward_weights`, JSON; default 1 for
 each): for VideoAlign the paper's averaged setting is {"vq": 1, "mq": 1, "ta": 1}.
+
+The same parts score an evaluation's videos beside the reward without weighting it
+(`build_metrics`, `video.eval_metrics`): the paper reports CLIPScore and PickScore next to VQ/MQ/TA.
 
 The synthetic world has its own rewards (sage_fast.world.rewards) with the same shape of call.
 Both return a `RewardResult`, the one shape of a reward batch the trainer consumes; a part's
@@ -31,9 +36,9 @@ from typing import Callable
 import torch
 
 __all__ = ["REWARD_KINDS", "RewardResult", "RewardConfigError", "RewardParts", "parse_reward_spec", "build_reward",
-           "parse_weights", "check_python_parts"]
+           "build_metrics", "parse_weights", "check_python_parts"]
 
-REWARD_KINDS = ("clip_score", "python")
+REWARD_KINDS = ("clip_score", "pickscore", "python")
 
 
 @dataclass
@@ -88,15 +93,15 @@ def parse_weights(text: str, field: str = "video.reward_weights") -> dict[str, f
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def _python_part(target: str) -> RewardPart:
+def _python_part(target: str, field: str = "video.reward") -> RewardPart:
     module_name, _, fn_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"video.reward: cannot import module {module_name!r} for python={target}: {e}") from e
+        raise ValueError(f"{field}: cannot import module {module_name!r} for python={target}: {e}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"video.reward: {module_name!r} has no callable {fn_name!r} (python={target})")
+        raise ValueError(f"{field}: {module_name!r} has no callable {fn_name!r} (python={target})")
 
     def part(video, prompts):
         out = fn(video, prompts)
@@ -108,8 +113,9 @@ def _python_part(target: str) -> RewardPart:
 class RewardParts:
     """The configured parts and weights: `(video, prompts) -> RewardResult` (float32 [B] total and scores)."""
 
-    def __init__(self, parts: list[RewardPart], weights: dict[str, float] | None = None) -> None:
-        self.parts, self.weights = parts, weights
+    def __init__(self, parts: list[RewardPart], weights: dict[str, float] | None = None,
+                 field: str = "video.reward") -> None:
+        self.parts, self.weights, self.field = parts, weights, field
 
     def __call__(self, video_bcfhw: torch.Tensor, prompts: list[str]) -> RewardResult:
         B = video_bcfhw.shape[0]
@@ -122,7 +128,7 @@ class RewardParts:
                         raise RewardConfigError(f"reward dimension {name!r} returned shape {tuple(value.shape)}, "
                                          f"expected [{B}] (one score per video)")
                     if name in scores:
-                        raise RewardConfigError(f"reward dimension {name!r} is returned by two parts of video.reward")
+                        raise RewardConfigError(f"reward dimension {name!r} is returned by two parts of {self.field}")
                     scores[name] = value
         weights = self.weights if self.weights is not None else {k: 1.0 for k in scores}
         unknown = sorted(set(weights) - set(scores))
@@ -145,14 +151,25 @@ def check_python_parts(spec: str, field: str = "video.reward") -> None:
                 raise ValueError(f"{field}: module {module!r} of python={arg} cannot be found on the Python path")
 
 
-def build_reward(spec: str, weights: str = "", device="cpu") -> RewardParts:
-    """The reward of `video.reward` / `video.reward_weights` (see the module doc)."""
+def build_reward(spec: str, weights: str = "", device="cpu", field: str = "video.reward") -> RewardParts:
+    """The reward of `video.reward` / `video.reward_weights` (see the module doc); errors name `field`."""
     parts: list[RewardPart] = []
-    for kind, arg in parse_reward_spec(spec):
+    for kind, arg in parse_reward_spec(spec, field):
         if kind == "clip_score":
             from .clip_score import ClipScore  # noqa: PLC0415
 
-            parts.append(ClipScore.from_folder(arg, device=device))
+            parts.append(ClipScore.from_folder(arg, device=device, field=f"{field} clip_score"))
+        elif kind == "pickscore":
+            from .pickscore import PickScore  # noqa: PLC0415
+
+            parts.append(PickScore(arg, device=device, field=f"{field} pickscore"))
         else:
-            parts.append(_python_part(arg))
-    return RewardParts(parts, parse_weights(weights))
+            parts.append(_python_part(arg, field))
+    return RewardParts(parts, parse_weights(weights), field=field)
+
+
+def build_metrics(spec: str, device="cpu", field: str = "video.eval_metrics") -> RewardParts | None:
+    """The evaluation's extra metrics: the parts of `spec` (the kinds of `video.reward`),
+    unweighted; '' = none (None). Not `build_reward` itself: an empty spec is valid here, and
+    errors name `field`, not video.reward. `evaluate(..., metrics=...)` reads their scores only."""
+    return build_reward(spec, device=device, field=field) if spec.strip() else None

@@ -14,15 +14,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipScore", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["ClipScore", "CLIP_MEAN", "CLIP_STD", "frame_indices", "pooled_features"]
 
 # OpenAI CLIP's normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _pooled(out) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers 4) or an output with the projected pooler_output (5)."""
+def frame_indices(num_frames: int, frames: int) -> torch.Tensor:
+    """The scored frames of a video (clip_score's and pickscore's choice): min(frames, num_frames)
+    evenly spaced indices, first and last included, as a [k] int64 CPU tensor."""
+    return torch.linspace(0, num_frames - 1, min(frames, num_frames)).round().long()
+
+
+def pooled_features(out) -> torch.Tensor:
+    """CLIPModel.get_*_features' [N, D] embeddings: a tensor (transformers 4) or an output holding
+    the projected pooler_output (5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
@@ -38,12 +45,13 @@ class ClipScore:
         self.max_length = model.config.text_config.max_position_embeddings
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device="cpu", frames: int = 8) -> "ClipScore":
+    def from_folder(cls, folder: str | Path, device="cpu", frames: int = 8,
+                    field: str = "video.reward clip_score") -> "ClipScore":
         from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415
 
         path = Path(folder)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"video.reward clip_score={folder}: not a local CLIP model folder "
+            raise FileNotFoundError(f"{field}={folder}: not a local CLIP model folder "
                                     "(config.json, weights and tokenizer files; nothing is downloaded)")
         model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -54,8 +62,8 @@ class ClipScore:
         B, C, Fr, H, W = video_bcfhw.shape
         if C != 3:
             raise ValueError(f"clip_score needs RGB videos [B, 3, F, H, W], got {tuple(video_bcfhw.shape)}")
-        k = min(self.frames, Fr)
-        idx = torch.linspace(0, Fr - 1, k).round().long().to(video_bcfhw.device)
+        idx = frame_indices(Fr, self.frames).to(video_bcfhw.device)
+        k = idx.numel()
         img = video_bcfhw.index_select(2, idx).transpose(1, 2).reshape(B * k, C, H, W).float()
         img = ((img + 1) / 2).clamp(0, 1)
         S = self.image_size
@@ -77,7 +85,7 @@ class ClipScore:
         k = pix.shape[0] // B
         text = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(self.device)
-        t = F.normalize(_pooled(self.model.get_text_features(**text)).float(), dim=-1)  # [B, D]
-        i = F.normalize(_pooled(self.model.get_image_features(pixel_values=pix)).float(), dim=-1)  # [B k, D]
+        t = F.normalize(pooled_features(self.model.get_text_features(**text)).float(), dim=-1)  # [B, D]
+        i = F.normalize(pooled_features(self.model.get_image_features(pixel_values=pix)).float(), dim=-1)  # [B k, D]
         cos = (i.view(B, k, -1) * t[:, None]).sum(-1).mean(1)
         return {"clip_score": cos.cpu()}

@@ -35,7 +35,7 @@ or without data-loading workers (`--workers`). `--lr-schedule time` ties the cos
 clock, so such a run depends on the machine's speed.
 
 On a GPU (`--device cuda --autocast bfloat16`; `bench/gpu_pretrain_world.sh` runs it in one
-device call): scenes and token ids are built on the host (by `--workers` processes), rendering,
+call): scenes and token ids are built on the host (by `--workers` processes), rendering,
 noise (a CUDA generator: not the CPU's numbers) and the model run on the device, host draws
 arrive through pinned memory without a sync, and the forward orders the text tokens without
 the class's per-sample loop (`sage_fast.models.forward_batched_text`). `--check-device` compares
