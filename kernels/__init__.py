@@ -5,8 +5,10 @@
 the C++ op `sage_fast._C` (`csrc/`: CPU, and the CUDA twin) or the torch reference
 (`reference.py`). `philox.py` defines the noise stream they all draw.
 
-Installed as `sage_fast.kernels` (setup.py maps this folder there); never import it as a
-top-level `kernels` module, a name that belongs to another PyPI package.
+Installed as `sage_fast.kernels` (setup.py maps this folder there); import it by that name. A
+top-level `kernels` import (a name that belongs to another PyPI package, probed by transformers
+when the repository root is on sys.path) is made an alias of `sage_fast.kernels` and its loaded
+submodules, so the ops are registered once.
 
 Public API (the trainer, the bench and outside checks call these):
 
@@ -31,6 +33,9 @@ if __name__ != "sage_fast.kernels":
     import importlib as _importlib
 
     _sys.modules[__name__] = _importlib.import_module("sage_fast.kernels")
+    for _name, _module in list(_sys.modules.items()):  # and its loaded submodules: `import kernels.dispatch` too
+        if _name.startswith("sage_fast.kernels."):
+            _sys.modules[__name__ + _name[len("sage_fast.kernels"):]] = _module
 else:
     from . import dispatch, reference
     from .ops import equalizer_update, pack_coefficients, pack_rng, sde_logprob, sde_step

@@ -13,6 +13,7 @@ Leaves to others: when to evaluate and where the record goes (train.py), the ver
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 
@@ -35,15 +36,24 @@ def eval_key(cfg, task) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
 
+log = logging.getLogger("sage_fast.evaluation")
+
 _RESERVED = ("reward", "manifold_distance")  # eval/ keys of the record that are no reward dimension
 
 
 def _metric_scores(metrics, video: torch.Tensor, prompts: list[str], reward_dims: list[str]) -> dict[str, torch.Tensor]:
     """The metrics' {name: [B] float32 CPU} of one evaluation; a name the reward's record holds
-    (its dimensions, reward, manifold_distance) or a wrong shape raises ValueError."""
-    result = metrics(video, list(prompts))
+    (its dimensions, reward, manifold_distance) or a wrong shape raises ValueError (a
+    configuration mistake, also refused before any work by train_config.check_paths); a metric
+    that fails scores nothing this evaluation (logged), as a failed reward does not stop a run."""
+    B = video.shape[0]
+    try:
+        result = metrics(video, list(prompts))
+    except Exception as err:  # noqa: BLE001 - as a reward model's failure: NaN rows, the run goes on
+        log.error("evaluation metrics failed (%s: %s): scored NaN", type(err).__name__, err)
+        return {}
     scores = result if isinstance(result, dict) else result.scores  # a RewardResult: its total is not a metric
-    B, out = video.shape[0], {}
+    out = {}
     for name, value in scores.items():
         value = torch.as_tensor(value).detach().float().reshape(-1).cpu()
         if value.shape != (B,):

@@ -98,11 +98,15 @@ def wan_root(name: str, env: str) -> str:
 @recipe("wan21_t2v_1.3b_480p")
 def wan21_t2v_1_3b_480p() -> TrainConfig:
     """Wan 2.1 text-to-video 1.3B at 480p: 81 x 480 x 832 (16 x 21 x 60 x 104 latents), flow shift 3
-    and CFG 5 (diffusers' Wan 2.1 480p example; Pref-GRPO's Wan 2.1 GRPO script also uses shift 3 and
-    CFG 5), 20 rollout steps, G = 8 (Pref-GRPO's group size), LoRA on every attention and FFN linear
-    layer, bf16 autocast and activation checkpointing, DDP (FSDP2 and Ulysses are not wired for Wan
-    yet; neither is the final export: the checkpoints hold the LoRA). SAGE-GRPO with the dual
-    moving-anchor KL; every SDE type and KL mode can be chosen. Point `video.pipeline` and `model.checkpoint` (or
+    and CFG 5 (diffusers' Wan 2.1 480p example; Pref-GRPO's Wan 2.1 GRPO script also uses shift 3
+    and CFG 5), 20 rollout steps, G = 8 (Pref-GRPO's group size), LoRA on every attention and FFN
+    linear layer, bf16 autocast and activation checkpointing, DDP (1.3B fits every GPU, and CUDA
+    graphs replay the rollouts; dist.strategy=fsdp2 and dist.sp also run). SAGE-GRPO with the dual
+    moving-anchor KL; every SDE type and KL mode can be chosen. The final export is not wired for
+    Wan yet (the checkpoints hold the LoRA). The negative prompt is empty, the pipeline's default
+    (Wan's release configs use a fixed one, `sample_neg_prompt`: set video.negative_prompt to it),
+    and video.dtype (bf16) is also the VAE's (diffusers' Wan examples decode in float32:
+    video.dtype=float32 for that). Point `video.pipeline` and `model.checkpoint` (or
     $SAGE_FAST_WAN21) at a local Wan2.1-T2V-1.3B-Diffusers folder."""
     root = wan_root("Wan2.1-T2V-1.3B-Diffusers", "SAGE_FAST_WAN21")
     return TrainConfig(
@@ -128,8 +132,9 @@ def wan22_a14b_t2v_480p() -> TrainConfig:
     0.875 of the Wan 2.2 release's T2V-A14B config (the boundary is read from the folder's
     model_index.json), CFG 4 (that config's high-noise scale; its low-noise expert uses 3, and one
     scale serves both here), 20 rollout steps, G = 8, LoRA on both experts (model.experts), bf16,
-    activation checkpointing, DDP (the frozen base replicated: ~56 GB of bf16 weights a GPU). Point `video.pipeline` and `model.checkpoint` (or
-    $SAGE_FAST_WAN22) at a local Wan2.2-T2V-A14B-Diffusers folder."""
+    activation checkpointing, FSDP2 (both experts sharded; every rank runs both each call). Point
+    `video.pipeline` and `model.checkpoint` (or $SAGE_FAST_WAN22) at a local
+    Wan2.2-T2V-A14B-Diffusers folder."""
     root = wan_root("Wan2.2-T2V-A14B-Diffusers", "SAGE_FAST_WAN22")
     cfg = wan21_t2v_1_3b_480p()
     return TrainConfig(
@@ -140,17 +145,16 @@ def wan22_a14b_t2v_480p() -> TrainConfig:
         sampler=SamplerConfig(num_steps=20, shift=12.0, sde_type="sage_grpo", eta=0.5, cfg_scale=4.0),
         task=cfg.task, video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480,
                                          width=832, vae_tiling=False),
-        grpo=cfg.grpo, optim=cfg.optim, dist=cfg.dist,
+        grpo=cfg.grpo, optim=cfg.optim, dist=DistConfig(strategy="fsdp2", sp=1),
     )
 
 
 def check_paths(cfg: TrainConfig) -> None:
     """Before any work: every file the run will read exists (ValueErrors name the field)."""
-    from sage_fast.rewards import check_python_parts, parse_reward_spec  # noqa: PLC0415
-
     if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
         raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist (a local diffusers model or "
                          "pipeline folder, or a .safetensors file)")
+    _check_reward_folders(cfg)
     if cfg.task.kind == "world":
         if cfg.world.prompt_file is not None and not Path(cfg.world.prompt_file).is_file():
             raise ValueError(f"world.prompt_file={cfg.world.prompt_file!r} is not a file")
@@ -192,10 +196,26 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ValueError(f"video.prompt_file={v.prompt_file!r} holds {count} prompts: with no "
                              f"video.eval_prompt_file its first video.num_eval_prompts={v.num_eval_prompts} are held "
                              "out for evaluation, leaving none to train on")
-    for field, spec in (("video.reward", v.reward), ("video.eval_metrics", v.eval_metrics)):
+
+
+def _check_reward_folders(cfg: TrainConfig) -> None:
+    """The reward's (real-video tasks) and the evaluation metrics' (any task) model folders and
+    python modules exist, and no metric repeats a reward part of the same kind (its eval/<name>
+    would clash with the reward's)."""
+    from sage_fast.rewards import check_python_parts, parse_reward_spec  # noqa: PLC0415
+
+    v = cfg.video
+    specs = [("video.eval_metrics", v.eval_metrics)] + ([("video.reward", v.reward)] if cfg.task.kind != "world" else [])
+    kinds = {}
+    for field, spec in specs:
         if not spec.strip():
             continue
         check_python_parts(spec, field)
+        kinds[field] = [kind for kind, _ in parse_reward_spec(spec, field)]
         for kind, arg in parse_reward_spec(spec, field):
             if kind in ("clip_score", "pickscore") and not Path(arg).is_dir():
                 raise ValueError(f"{field}: {kind}={arg!r} is not a folder (a local CLIP model)")
+    both = set(kinds.get("video.eval_metrics", ())) & set(kinds.get("video.reward", ())) - {"python"}
+    if both:
+        raise ValueError(f"video.eval_metrics repeats the reward's {sorted(both)}: the reward already records "
+                         f"eval/{' and eval/'.join(sorted(both))}; drop it from video.eval_metrics")

@@ -332,10 +332,12 @@ class TrainConfig:
         if (self.task.kind == "wan") != (family == "wan"):
             raise ValueError(f"task.kind={self.task.kind!r} and model.family={family!r} do not fit: task.kind='wan' "
                              "goes with model.family='wan' (and only it)")
-        if family == "wan" and (self.dist.sp != 1 or self.dist.strategy != "ddp"):
-            raise ValueError(f"model.family='wan' runs with dist.strategy='ddp' and dist.sp=1 for now (got "
-                             f"{self.dist.strategy!r}, sp={self.dist.sp}): FSDP2 and Ulysses are wired for "
-                             "HunyuanVideo-1.5's blocks and attention only")
+        if family == "wan" and self.dist.strategy not in ("ddp", "fsdp2"):
+            raise ValueError(f"model.family='wan' runs with dist.strategy='ddp' or 'fsdp2' (got "
+                             f"{self.dist.strategy!r}): DeepSpeed ZeRO-2 is wired for HunyuanVideo-1.5 only")
+        if family == "wan" and self.run.export_final:
+            raise ValueError("model.family='wan' needs run.export_final=false: the final export is not wired for "
+                             "Wan yet (the run's checkpoints hold the policy)")
         if self.grpo.train_steps is not None and self.grpo.train_steps > len(self.sampler.stochastic_steps()):
             raise ValueError(f"grpo.train_steps={self.grpo.train_steps} exceeds the "
                              f"{len(self.sampler.stochastic_steps())} steps of the SDE window")

@@ -92,9 +92,11 @@ class Trainer:
             num_steps=s.num_steps, shift=s.shift, sde_type=s.sde_type, eta=0.0, cfg_scale=s.cfg_scale),
             cuda_graph=graphs)
         coef = self.engine.coefficients(1)
-        self.trainable_steps = [t for t in s.stochastic_steps() if float(coef[t, 2, 0]) > 0]
+        self.trainable_steps = [t for t in s.stochastic_steps() if float(coef[t, 2, 0]) > 0 and self.model.trains(
+            float((1000.0 * self.engine.sigmas[t]).to(torch.float32)))]  # noise, and a trained expert (Wan 2.2)
         if not self.trainable_steps:
-            raise ValueError("no stochastic step to train: the SDE window is empty or eta = 0")
+            raise ValueError("no stochastic step to train: the SDE window is empty, eta = 0, or model.experts "
+                             "freezes the expert of every step in the window (sampler.sde_window)")
         self.k_steps = min(g.train_steps or len(self.trainable_steps), len(self.trainable_steps))
         self.equalizer = TemporalEqualizer(g.equalizer, self.engine.sigmas, s.sde_type, s.eta,
                                            clamp=g.equalizer_clamp, momentum=g.equalizer_momentum, device=self.device)
@@ -107,8 +109,7 @@ class Trainer:
         # the task's reward, in a worker process with a time limit when task.reward_timeout_s > 0
         self.timed_reward = TimedReward(TaskReward(self.task), cfg.task.reward_timeout_s) \
             if cfg.task.reward_timeout_s else None
-        self.writer = writer
-        self.iteration = 0
+        self.writer, self.iteration = writer, 0
         self.skips = SkipGuard(cfg.run.max_nonfinite)
         self.history: list[dict] = []  # evaluation results, for the end-of-run plot
         self.ckpt = CheckpointManager(cfg.run.output_dir, keep=cfg.run.keep_checkpoints)
@@ -219,7 +220,7 @@ class Trainer:
         return totals
 
     def _update(self, loss: dict, totals: LossTotals) -> dict:
-        loss_finite = math.isfinite(loss["loss"])
+        loss_finite = not self.ranks.any(not math.isfinite(loss["loss"]))  # every rank decides alike
         norm, applied = self.strategy.step(self.cfg.optim.grad_clip, loss_finite=loss_finite)
         if not (applied and bool(torch.isfinite(norm)) and loss_finite):
             if applied:  # only a strategy that decides itself (ZeRO-2); its overflow check makes this unexpected

@@ -138,3 +138,14 @@ def test_a_metric_named_like_the_rewards_record_raises_naming_both(name):
 def test_a_metric_of_the_wrong_shape_raises():
     with pytest.raises(ValueError, match=r"metric 'x' returned shape \(2,\), expected \[3\]"):
         evaluate(_Engine(), _Task(False), _reward, seed=1, device="cpu", metrics=lambda v, p: {"x": torch.zeros(2)})
+
+
+def test_a_failing_metric_scores_nothing_and_the_evaluation_goes_on(caplog):
+    def broken(video, prompts):
+        raise RuntimeError("out of memory")
+
+    without = evaluate(_Engine(), _Task(False), _reward, seed=3, device="cpu")[0]
+    with caplog.at_level("ERROR", logger="sage_fast.evaluation"):
+        out = evaluate(_Engine(), _Task(False), _reward, seed=3, device="cpu", metrics=broken)[0]
+    assert _same(out, without) and list(out) == list(without)
+    assert "evaluation metrics failed (RuntimeError: out of memory)" in caplog.text

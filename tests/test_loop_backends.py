@@ -82,7 +82,8 @@ def test_a_top_level_kernels_import_is_the_package_itself():
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sage_fast.kernels as k, kernels, transformers; "
-            "assert kernels is k and kernels.dispatch is k.dispatch; print('same')")
+    code = ("import sage_fast.kernels as k, kernels, transformers; import kernels.dispatch, kernels.ops; "
+            "assert kernels is k and kernels.dispatch is k.dispatch and k.dispatch is "
+            "__import__('sys').modules['sage_fast.kernels.dispatch'] and kernels.ops is k.ops; print('same')")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "same", out.stderr[-2000:]

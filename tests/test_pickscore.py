@@ -191,8 +191,10 @@ def test_bfloat16_model_scores_close_to_float32(toy):
     5% of the score scale of float32 on the toy; the result is float32 either way."""
     video, _ = _uint8_video(2, 3, 30, 40, seed=5)
     f32 = PickScore(toy, frames=3)(video, PROMPTS)["pickscore"]
-    bf16 = PickScore(toy, frames=3, dtype=torch.bfloat16)(video, PROMPTS)["pickscore"]
-    assert bf16.dtype == torch.float32
+    scorer = PickScore(toy, frames=3, dtype=torch.bfloat16)
+    assert next(scorer.model.parameters()).dtype == torch.bfloat16  # the argument reaches the model
+    bf16 = scorer(video, PROMPTS)["pickscore"]
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, f32)
     assert (bf16 - f32).abs().max() < 0.05 * math.exp(3.0), (bf16, f32)
 
 

@@ -1,9 +1,13 @@
 """The Wan recipes (wan21_t2v_1.3b_480p, wan22_a14b_t2v_480p) through the trainer, on tiny random
 Wan pipelines built offline: a few iterations end to end, the policy moves (both experts'
 LoRA under Wan 2.2), an evaluation, and a resume that continues exactly; the recipes' settings;
-config mistakes that name the field."""
+config mistakes that name the field; on 2 ranks (tests/dist/wan_parallel.py), Ulysses and FSDP2
+equal one process, one expert and two."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +35,7 @@ def wan22(tmp_path_factory):
 
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch):
+    """The reward `python=wan_test_reward:brightness`, importable from tmp_path."""
     (tmp_path / "wan_test_reward.py").write_text(REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("wan_test_reward", None)
@@ -61,9 +66,18 @@ def test_wan_recipes_hold_the_published_settings():
 def test_wan_task_needs_the_wan_family(wan21, tmp_path, reward_module):
     with pytest.raises(ValueError, match="model.family"):
         _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "model.family=hunyuanvideo15")
-    for bad in ("dist.strategy=fsdp2", "dist.sp=2"):  # not wired for Wan yet: refused, never half-run
-        with pytest.raises(ValueError, match="model.family='wan' runs with dist.strategy='ddp'"):
-            _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, bad)
+    # DeepSpeed ZeRO-2 is not wired for Wan: refused, never half-run; FSDP2 and Ulysses are
+    with pytest.raises(ValueError, match="model.family='wan' runs with dist.strategy='ddp' or 'fsdp2'"):
+        _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "dist.strategy=deepspeed_zero2")
+    cfg = _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "dist.strategy=fsdp2", "dist.sp=2")
+    assert (cfg.dist.strategy, cfg.dist.sp) == ("fsdp2", 2)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    with pytest.raises(ValueError, match=r"video.eval_metrics repeats the reward's \['clip_score'\]"):
+        train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, f"clip_score={clip}",
+                                      f"video.eval_metrics=clip_score={clip}"))
+    with pytest.raises(ValueError, match="run.export_final=false"):
+        _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "run.export_final=true")
     with pytest.raises(ValueError, match="video.pipeline"):
         train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module,
                                       f"video.pipeline={tmp_path / 'nowhere'}"))
@@ -108,3 +122,45 @@ def test_trainer_runs_the_wan_recipe_and_resumes_exactly(recipe, wan21, wan22, t
     assert m["loss"] == straight[1]["loss"] and m["reward/mean"] == straight[1]["reward/mean"]
     for (name, a), (_, b) in zip(trainer.trainable, second.trainable):
         assert torch.equal(a.detach(), b.detach()), name
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_ranks_ulysses_and_fsdp2_equal_one_process_for_wan(wan21, wan22, tmp_path, reward_module):
+    """Ulysses sp=2 (velocity, LoRA gradients; one expert and two), FSDP2 with two experts whose
+    rows differ per rank, FSDP2 over Ulysses, and the Wan 2.1 / 2.2 trainers under fsdp2 (2 x 2
+    samples == 1 x 4, and 1 + 1 iterations == 2 bitwise): tests/dist/wan_parallel.py."""
+    root = Path(__file__).resolve().parents[1]
+    modes = ("sp", "fsdp_experts", "fsdp_sp", "trainer", "trainer_experts")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(root / "tests" / "dist" / "wan_parallel.py"), str(wan21), str(wan22),
+                           str(tmp_path / "runs"), *modes], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    report = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "OK" in line or "FAIL" in line
+                       or "  " in line and ("err" in line or "diff" in line))
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{report or proc.stderr[-4000:]}"
+    for mode in modes:
+        assert f"OK {mode}:" in proc.stdout, f"no OK line for {mode}:\n{proc.stdout[-2000:]}"
+
+
+@pytest.mark.parametrize("experts", ["high", "low"])
+def test_one_trained_expert_trains_only_its_steps(experts, wan22, tmp_path, reward_module):
+    """model.experts=high|low: the frozen expert's steps are never trained pairs (a micro-batch of
+    them alone would have nothing to differentiate), and only the trained expert's LoRA moves."""
+    from sage_fast.trainer import Trainer
+
+    trainer = Trainer(_cfg("wan22_a14b_t2v_480p", wan22, tmp_path, reward_module, f"model.experts={experts}",
+                           "grpo.micro_batch=1", "grpo.train_steps=1"))
+    model, sig = trainer.model, trainer.engine.sigmas
+    high = [t for t in trainer.trainable_steps if float((1000.0 * sig[t]).float()) >= model.boundary_timestep]
+    assert trainer.trainable_steps and len(high) == (len(trainer.trainable_steps) if experts == "high" else 0)
+    trained = "transformer." if experts == "high" else "transformer_2."
+    assert all(n.startswith(trained) for n, _ in trainer.trainable)
+    before = {n: p.detach().clone() for n, p in trainer.trainable}
+    for _ in range(2):
+        m = trainer.step()
+        assert not m["update_skipped"] and set(m["per_step"]["ratio"]) <= set(trainer.trainable_steps)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.trainable)

@@ -8,9 +8,9 @@ one or two experts) behind `velocity(latents, timestep, conditioning, cfg_scale)
     velocity          `VelocityModel`: 65-channel input, CFG as one batched forward, autocast,
                       raw output -> velocity ("velocity" or "sample" prediction); the call's
                       shared input checks and guidance
-    wan               Wan's pipeline folder check, UMT5 prompt encoder, VAE decoder and
-                      `WanVelocityModel` (two experts switched at the boundary timestep, mixed
-                      batches split by expert)
+    wan_pipeline      Wan's pipeline folder check, UMT5 prompt encoder, VAE decoder
+    wan               `WanVelocityModel` (two experts switched at the boundary timestep, mixed
+                      batches split by expert, experts kept in step across FSDP2 ranks)
     lora              `apply_lora` on the blocks of either family, and each family's targets
     conditioning      `TextEmbeddings`, `Conditioning` (casts, row selection), random conditioning
     prompt_cache      `CachedPromptEncoder`: encode a fixed prompt set once, then release

@@ -128,6 +128,10 @@ class VelocityModel(nn.Module):
             raise ValueError(f"in_channels={cfg.in_channels} must be 2 * out_channels + 1 = "
                              f"{2 * cfg.out_channels + 1} (latent | condition | mask)")
 
+    def trains(self, timestep: float) -> bool:
+        """Whether the step at `timestep` trains anything: always (one transformer serves every step)."""
+        return True
+
     def forward(self, latents_bcthw, timestep, conditioning, cfg_scale=1.0):
         return self.velocity(latents_bcthw, timestep, conditioning, cfg_scale)
 

@@ -1,6 +1,6 @@
 """Distribution: the (dp, sp) device mesh and the data axis (`mesh.py`), collectives as autograd
-Functions (`collectives.py`), Ulysses sequence parallelism for the HunyuanVideo-1.5 transformer by
-hooks and the attention processor (`ulysses.py`), FSDP2 wrapping (`wrap.py`) and the data-parallel
+Functions (`collectives.py`), Ulysses sequence parallelism for the HunyuanVideo-1.5 and Wan
+transformers by hooks and attention processors (`ulysses.py`), FSDP2 wrapping (`wrap.py`) and the data-parallel
 strategies the trainer runs under (`strategy.py`). Model code never sees a process group."""
 
 from .collectives import all_gather, all_to_all

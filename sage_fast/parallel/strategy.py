@@ -12,7 +12,8 @@ are synchronised and applied, and how the full training state leaves and re-ente
 
     Single   one process; also what every strategy is on one rank
     DDP      DistributedDataParallel; gradients all-reduced on the last micro-batch only
-    FSDP2    `fully_shard` per double-stream block (`wrap.py`); reduce-scattered on the last one
+    FSDP2    `fully_shard` per transformer block of every expert (`wrap.py`); reduce-scattered
+             on the last one; Wan 2.2's two experts run on every rank in every call
     ZeRO2    DeepSpeed stage 2: optimizer states and gradients partitioned, parameters replicated
 
 Every strategy averages gradients over all ranks (dp x sp; `collectives.py` for why that is
@@ -26,6 +27,7 @@ Leaves to others: the process group and mesh (`mesh.py`), what the loss is (the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -48,6 +50,18 @@ def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if isinstance(ref, DTensor):
         return distribute_tensor(value.to(ref.dtype), ref.device_mesh, ref.placements)
     return value
+
+
+def experts(model: nn.Module) -> list[nn.Module]:
+    """The policy's transformers: `transformer`, and Wan 2.2's `transformer_2` when present."""
+    return [t for t in (model.transformer, getattr(model, "transformer_2", None)) if t is not None]
+
+
+def _union_over_ranks(used, *, group, device) -> tuple[bool, ...]:
+    """Each flag true on every rank when it is on any (a collective: every rank calls it)."""
+    flags = torch.tensor([int(u) for u in used], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return tuple(bool(f) for f in flags.tolist())
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -143,7 +157,13 @@ class DDP(Strategy):
 
 
 class FSDP2(Strategy):
-    """Unsharded gradients accumulate over micro-batches; one reduce-scatter, on the last."""
+    """Unsharded gradients accumulate over micro-batches; one reduce-scatter, on the last.
+
+    Every expert is sharded (its own FSDP root). An expert's forward and backward are then
+    collectives, so with two experts (Wan 2.2) every rank must run the same experts in every
+    call, though its rows may all lie on one side of the boundary: the model's `sync_experts`
+    takes the union over the ranks, and an expert a rank has no row for runs a stand-in whose
+    gradient is exactly zero (`sage_fast.models.wan`)."""
 
     name = "fsdp2"
     collective_state = sharded = True
@@ -152,11 +172,16 @@ class FSDP2(Strategy):
     def __init__(self, model: nn.Module, device: torch.device, mesh) -> None:
         from .wrap import wrap_fsdp2  # noqa: PLC0415
 
-        wrap_fsdp2(model.transformer, mesh)  # one FSDP unit per double-stream block, then the root
+        self.experts = experts(model)
+        for transformer in self.experts:
+            wrap_fsdp2(transformer, mesh)  # one FSDP unit per block, then the root
+        if len(self.experts) > 1:
+            model.sync_experts = functools.partial(_union_over_ranks, group=mesh.get_group(), device=device)
         super().__init__(model, device)  # fully_shard replaced every parameter with a sharded DTensor
 
     def micro_batch(self, last: bool):
-        self.model.transformer.set_requires_gradient_sync(last)
+        for transformer in self.experts:
+            transformer.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def optimizer_state(self) -> dict:
@@ -267,8 +292,8 @@ def build_strategy(name: str, model: nn.Module, *, world_size: int, device: torc
 
 def parallelize(model: nn.Module, *, strategy: str, sp: int, rank: int, world_size: int, group,
                 device: torch.device, grad_clip: float | None = None):
-    """Lay the policy out over the ranks, once: Ulysses over the sp axis (`dist.sp` > 1), then
-    the data-parallel `strategy` over all ranks. Returns (Strategy, the data axis).
+    """Lay the policy out over the ranks, once: Ulysses over the sp axis (`dist.sp` > 1, on every
+    expert), then the data-parallel `strategy` over all ranks. Returns (Strategy, the data axis).
 
     Ranks form a (dp, sp) mesh, r = d * sp + s: the sp ranks of a group hold the same samples
     and split each video's tokens; the data axis (advantages, metrics, equalizer statistics)
@@ -277,9 +302,10 @@ def parallelize(model: nn.Module, *, strategy: str, sp: int, rank: int, world_si
 
     if world_size % sp:
         raise ValueError(f"dist.sp={sp} must divide the number of ranks ({world_size})")
-    heads = model.transformer.config.num_attention_heads
-    if heads % sp:
-        raise ValueError(f"dist.sp={sp} must divide the attention heads ({heads})")
+    for transformer in experts(model):
+        heads = transformer.config.num_attention_heads
+        if heads % sp:
+            raise ValueError(f"dist.sp={sp} must divide the attention heads ({heads})")
     dp_rank, dp_size = rank // sp, world_size // sp
     axis, grad_mesh = DataAxis(dp_rank, dp_size, group), None
     if sp > 1:
@@ -290,7 +316,8 @@ def parallelize(model: nn.Module, *, strategy: str, sp: int, rank: int, world_si
         axis = DataAxis(dp_rank, dp_size, mesh["dp"].get_group() if dp_size > 1 else None)
         grad_mesh = flat_mesh(mesh)
         # after LoRA (the model is built): a LoRA delta on proj_out must come before the gather
-        apply_sequence_parallel(model.transformer, mesh["sp"].get_group())
+        for transformer in experts(model):
+            apply_sequence_parallel(transformer, mesh["sp"].get_group())
     built = build_strategy(strategy, model, world_size=world_size, device=device, group=group, grad_mesh=grad_mesh,
                            rank=rank, grad_clip=grad_clip)
     if sp > 1:
