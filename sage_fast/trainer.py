@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -115,8 +116,7 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.run.output_dir, keep=cfg.run.keep_checkpoints)
         self._register_checkpoint_parts()
 
-    # ------------------------------------------------------------------------------------------
-    # one iteration
+    # ---- one iteration ---------------------------------------------------------------------------
 
     def prompts_for(self, iteration: int) -> list[str]:
         """The global batch's prompts of `iteration` (P = global batch / G)."""
@@ -235,8 +235,7 @@ class Trainer:
         refreshed = self.anchor.after_optimizer_step(self.model) if self.anchor is not None else False
         return {"grad_norm": float(norm), "skipped": False, "anchor_refreshed": refreshed}
 
-    # ------------------------------------------------------------------------------------------
-    # evaluation, rewards
+    # ---- evaluation, rewards --------------------------------------------------------------------
 
     def evaluate(self) -> dict:
         """Fixed prompts and fixed noise, deterministic sampler: comparable across iterations."""
@@ -258,19 +257,19 @@ class Trainer:
         if self.timed_reward is not None:
             self.timed_reward.close()
 
-    # ------------------------------------------------------------------------------------------
-    # checkpoints: full tensors, so a run resumes under any strategy and rank count
+    # ---- checkpoints: full tensors, so a run resumes under any strategy and rank count ----------
 
     def _register_checkpoint_parts(self) -> None:
         st, part = self.strategy, self.ckpt.register
 
-        part("iteration", lambda: self.iteration, lambda v: setattr(self, "iteration", int(v)))
+        me = weakref.ref(self)  # no trainer <-> manager cycle: a trainer is freed (its DDP too) when dropped
+        part("iteration", lambda: me().iteration, lambda v: setattr(me(), "iteration", int(v)))
         part("model", st.model_state, st.load_model_state)
         part("optimizer", st.optimizer_state, st.load_optimizer_state)  # after the model: ZeRO-2 reads it
         part("equalizer", self.equalizer.state_dict, self.equalizer.load_state_dict)
         part("kl", self.kl.state_dict, self.kl.load_state_dict)
         part("nonfinite", self.skips.state_dict, self.skips.load_state_dict)
-        part("history", lambda: [dict(h) for h in self.history], lambda v: setattr(self, "history", list(v)))
+        part("history", lambda: [dict(h) for h in me().history], lambda v: setattr(me(), "history", list(v)))
         if self.anchor is not None:  # its parameter copies as full tensors, like the policy's
             a = self.anchor
             part("anchor", lambda: {**a.state_dict(), "params": st.full_tensors(a.state_dict()["params"])},

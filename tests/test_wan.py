@@ -25,7 +25,7 @@ from sage_fast.models import (DEFAULT_LORA_TARGETS, WAN_LORA_TARGETS, Conditioni
                               wan_scheduler_shift)
 from sage_fast.models.lora import WAN_BLOCKS
 from sage_fast.models.tiny_wan_pipeline import (PROMPTS, TINY_WAN_BOUNDARY_RATIO, TINY_WAN_LATENT_CHANNELS,
-                                                TINY_WAN_SHIFT, save_tiny_wan_pipeline)
+                                                TINY_WAN_SHIFT, TINY_WAN_TEXT_DIM, save_tiny_wan_pipeline)
 from tolerance import assert_within_baseline
 
 L = 32  # max_sequence_length of these tests (the pipeline's is 512): PROMPTS[0] (40 bytes) is truncated
@@ -424,9 +424,38 @@ def test_model_config_errors_name_the_field(tiny):
         VelocityModelConfig(family="wan", checkpoint=str(tiny), experts="mid")
     with pytest.raises(ValueError, match=r"model\.experts='high' applies to family 'wan'"):
         VelocityModelConfig(experts="high")
-    with pytest.raises(ValueError, match=r"model\.attention_backend must be 'auto' or 'sdpa'"):
-        VelocityModelConfig(family="wan", checkpoint=str(tiny), attention_backend="fa3")
+    with pytest.raises(ValueError, match=r"attention backend 'fa2' \(config\) cannot run"):  # no flash-attn here
+        build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny), attention_backend="fa2"))
     with pytest.raises(ValueError, match=r"model\.prediction must be None or 'velocity'"):
         VelocityModelConfig(family="wan", checkpoint=str(tiny), prediction="sample")
     with pytest.raises(ValueError, match=r"model\.experts='low' needs a two-expert .* use 'both' or 'high'"):
         build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny), experts="low"))
+
+
+def test_the_attention_backend_is_chosen_once_for_every_expert(tiny2, monkeypatch):
+    """model.attention_backend reaches diffusers' Wan processors of both experts (as diffusers
+    names it); sdpa and the math kernel agree to float32 rounding, and 'auto' is sdpa on a CPU,
+    bitwise the processors' default."""
+    monkeypatch.delenv("SAGE_FAST_ATTENTION_BACKEND", raising=False)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([900.0, 500.0])  # one row per expert
+    text = WanTextEmbeddings(torch.randn(2, L, TINY_WAN_TEXT_DIM, generator=torch.Generator().manual_seed(4)),
+                             torch.ones(2, L))
+    cond = Conditioning(prompt=text, negative=None)
+    out = {}
+    for name in ("auto", "sdpa_math"):
+        model = build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny2), attention_backend=name,
+                                                         autocast_dtype="none"))
+        for expert in (model.transformer, model.transformer_2):
+            backends = {m.processor._attention_backend for m in expert.modules() if hasattr(m, "processor")}
+            assert backends == {"native" if name == "auto" else "_native_math"}, backends
+        with torch.no_grad():
+            out[name] = model.velocity(x, t, cond, 1.0)
+    default = build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny2), autocast_dtype="none"))
+    for expert in (default.transformer, default.transformer_2):
+        for m in expert.modules():
+            if hasattr(m, "processor"):
+                m.processor._attention_backend = None  # diffusers' own default dispatch
+    with torch.no_grad():
+        assert torch.equal(default.velocity(x, t, cond, 1.0), out["auto"])
+    torch.testing.assert_close(out["sdpa_math"], out["auto"], rtol=1e-5, atol=1e-5)

@@ -155,9 +155,6 @@ class VelocityModelConfig:
         if self.checkpoint_config is not None:
             raise ValueError("model.checkpoint_config applies to family 'hunyuanvideo15'; a Wan checkpoint is "
                              "a pipeline folder whose transformer/config.json defines the architecture")
-        if self.attention_backend not in ("auto", "sdpa"):
-            raise ValueError(f"model.attention_backend must be 'auto' or 'sdpa' for model.family='wan' (diffusers' "
-                             f"Wan attention processor), got {self.attention_backend!r}")
         if self.prediction not in (None, "velocity"):
             raise ValueError(f"model.prediction must be None or 'velocity' for model.family='wan' (Wan predicts "
                              f"the velocity), got {self.prediction!r}")
@@ -283,7 +280,8 @@ def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu"
                                         lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                                         lora_targets=config.lora_target_modules,
                                         gradient_checkpointing=config.gradient_checkpointing,
-                                        autocast_dtype=AUTOCAST_DTYPES[config.autocast_dtype], device=device)
+                                        autocast_dtype=AUTOCAST_DTYPES[config.autocast_dtype], device=device,
+                                        attention_backend=config.attention_backend)
     if config.checkpoint is not None:
         transformer = load_transformer(config.checkpoint, config.checkpoint_config, device=device)
     else:

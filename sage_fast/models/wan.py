@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sage_fast.attention.backends import choose_backend
+
 from .conditioning import Conditioning
 from .lora import WAN_BLOCKS, WAN_LORA_TARGETS, apply_lora
 from .velocity import autocast, guide, is_guided, velocity_inputs
@@ -64,6 +66,7 @@ __all__ = [
     "WAN_TEXT_LENGTH",
     "WanPromptEncoder",
     "WanTextEmbeddings",
+    "DIFFUSERS_ATTENTION",
     "WanVelocityModel",
     "WanVideoDecoder",
     "build_wan_velocity_model",
@@ -74,6 +77,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("sage_fast.models.wan")
+
+#: the project's attention backends (sage_fast.attention) as diffusers' attention dispatcher names them
+DIFFUSERS_ATTENTION = {"fa3": "_flash_3", "fa2": "flash", "xformers": "xformers", "sdpa": "native",
+                       "sdpa_math": "_native_math"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +277,7 @@ class _StandIn(torch.autograd.Function):
 def build_wan_velocity_model(folder: str | Path, *, finetune: str = "lora", experts: str = "both",
                              lora_rank: int = 32, lora_alpha: float = 32.0, lora_targets=WAN_LORA_TARGETS,
                              gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = torch.bfloat16,
-                             text_length: int = WAN_TEXT_LENGTH, device="cpu",
+                             text_length: int = WAN_TEXT_LENGTH, device="cpu", attention_backend: str = "auto",
                              field: str = "model.checkpoint") -> WanVelocityModel:
     """The policy from a pipeline folder: its transformer(s) (both experts and the boundary for
     Wan 2.2 A14B). `experts` ('both', 'high', 'low'; a one-expert folder: 'both' or 'high')
@@ -290,6 +297,10 @@ def build_wan_velocity_model(folder: str | Path, *, finetune: str = "lora", expe
     models = [load_wan_transformer(folder, "transformer", device, field)]
     if boundary is not None:
         models.append(load_wan_transformer(folder, "transformer_2", device, field))
+    # the attention backend, chosen once and logged as for HunyuanVideo-1.5, run by diffusers' Wan processor
+    backend = DIFFUSERS_ATTENTION[choose_backend(attention_backend, device).name]
+    for t in models:
+        t.set_attention_backend(backend)
     trained = {"both": (True, True), "high": (True, False), "low": (False, True)}[experts]
     for t, train in zip(models, trained):
         if not train:
