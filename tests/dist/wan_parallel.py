@@ -25,6 +25,7 @@ exits non-zero if any failed; rank 0 prints `OK <mode> ...` for each mode that p
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 from pathlib import Path
 
@@ -232,6 +233,10 @@ def main(args):
             print(f"rank {rank} FAIL {mode}:\n  " + "\n  ".join(failures[:20]), flush=True)
         elif rank == 0:
             print(f"OK {mode}: {summary}", flush=True)
+        # free the mode's sharded models and meshes on every rank at the same point, not whenever the
+        # collector gets to them during the next mode's collectives
+        gc.collect()
+        dist.barrier()
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)
