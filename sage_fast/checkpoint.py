@@ -254,6 +254,23 @@ class CheckpointManager:
         found = {int(json.loads((p / "meta.json").read_text())["step"]): p for p in self._complete()}
         return dict(sorted(found.items()))
 
+    def pick(self, step: int | None) -> tuple[int, Path]:
+        """(iteration, folder) of the complete checkpoint of iteration `step`, or of the latest
+        (None); ValueError naming the run and the iterations on disk otherwise."""
+        run, available = self.dir.parent, self.by_step()
+        if not available:
+            raise ValueError(f"run {run} has no checkpoint ({self.dir} holds no complete step_* folder; the trainer "
+                             "writes one every run.save_every iterations and at the last)")
+        if step is None:
+            latest = self.latest()  # the `latest` pointer, else the newest on disk
+            return next((it, path) for it, path in available.items() if path.name == latest.name)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0 (a checkpoint's iteration) or None (the latest), got {step!r}")
+        if step not in available:
+            raise ValueError(f"step {step} is not a checkpoint of run {run}: available iterations {list(available)} "
+                             "(run.keep_checkpoints keeps only the newest)")
+        return step, available[step]
+
     def _prune(self, keep_name: str) -> None:
         for pattern in (".tmp-*", ".trash-*"):  # leftovers of crashed writers
             for stale in self.dir.glob(pattern):

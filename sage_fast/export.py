@@ -24,6 +24,10 @@ OUT (the shipped base model's format, `sage_fast/world/assets/base_model/`):
                                           random-init base, written from the run config (what WorldTask used)
     export.json                           where it came from: run, iteration, checkpoint, base, merged, dtype
 
+A Wan policy is written as its pipeline's parts, OUT/transformer/ (and OUT/transformer_2/, Wan 2.2),
+each laid out as OUT above, for the experts the run trained (export.json "experts": written, and
+left to the base); `WanPipeline.from_pretrained(base, transformer=WanTransformer3DModel...)` runs it.
+
 Readers: `sage_fast.world.load_base_model(OUT)` and `python -m sage_fast.world.evaluate --checkpoint
 OUT` (world), diffusers' `HunyuanVideo15Transformer3DModel.from_pretrained(OUT)`,
 `sage_fast.models.load_transformer(OUT)` and so the trainer's `model.checkpoint=OUT`, and
@@ -118,19 +122,7 @@ def read_run_config(run_dir: str | Path):
 def _select_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
     from sage_fast.checkpoint import CheckpointManager  # noqa: PLC0415
 
-    available = list_checkpoints(run_dir)
-    if not available:
-        raise ValueError(f"run {run_dir} has no checkpoint ({run_dir}/checkpoints holds no complete step_* folder; "
-                         "the trainer writes one every run.save_every iterations and at the last): nothing to export")
-    if step is None:
-        latest = CheckpointManager(run_dir).latest()  # the `latest` pointer, else the newest on disk
-        return next((it, path) for it, path in available.items() if path.name == latest.name)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0 (a checkpoint's iteration) or None (the latest), got {step!r}")
-    if step not in available:
-        raise ValueError(f"step {step} is not a checkpoint of run {run_dir}: available iterations {list(available)} "
-                         "(run.keep_checkpoints keeps only the newest)")
-    return step, available[step]
+    return CheckpointManager(run_dir).pick(step)
 
 
 def _base_checkpoint(cfg) -> Path | None:
@@ -185,24 +177,31 @@ def load_policy(run_dir: str | Path, step: int | None = None, device="cpu") -> L
 # The policy inside what export_policy is given
 
 
-def _transformer_of(policy) -> nn.Module:
-    """The diffusers transformer inside a Trainer, a VelocityModel or a peft PeftModel."""
-    from sage_fast.models import VelocityModel  # noqa: PLC0415
+def _transformers_of(policy, cfg) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The diffusers transformer(s) to write, as (subfolder, transformer) with "" for OUT itself,
+    and the experts left out, from a Trainer, a VelocityModel, a WanVelocityModel or a peft
+    PeftModel. A Wan policy writes each expert the run trained (cfg.model.experts; every expert
+    without a cfg) into the pipeline's subfolder name; a frozen expert is the base's own."""
+    from sage_fast.models import VelocityModel, WanVelocityModel  # noqa: PLC0415
     from sage_fast.trainer import Trainer  # noqa: PLC0415
 
     if isinstance(policy, Trainer):
         policy = policy.model
+    if isinstance(policy, WanVelocityModel):
+        experts = [("transformer", policy.transformer)]
+        if policy.transformer_2 is not None:
+            experts.append(("transformer_2", policy.transformer_2))
+        trained = {"both": ("transformer", "transformer_2"), "high": ("transformer",),
+                   "low": ("transformer_2",)}["both" if cfg is None else cfg.model.experts]
+        return [(n, t) for n, t in experts if n in trained], [n for n, _ in experts if n not in trained]
     if isinstance(policy, VelocityModel):
         policy = policy.transformer
-    if type(policy).__name__ == "WanVelocityModel":
-        raise ValueError("exporting a Wan policy is not supported yet (the run's checkpoints hold its trained "
-                         "parameters, every expert's LoRA included)")
     if hasattr(policy, "get_base_model"):  # peft.PeftModel (an adapter loaded with PeftModel.from_pretrained)
         policy = policy.get_base_model()
     if not isinstance(policy, nn.Module) or not hasattr(policy, "config"):
-        raise ValueError(f"export_policy takes a Trainer, a VelocityModel or a diffusers transformer, got "
-                         f"{type(policy).__name__}")
-    return policy
+        raise ValueError(f"export_policy takes a Trainer, a VelocityModel, a WanVelocityModel or a diffusers "
+                         f"transformer, got {type(policy).__name__}")
+    return [("", policy)], []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
     if isinstance(policy, Trainer):
         cfg = policy.cfg if cfg is None else cfg
         iteration = policy.iteration if iteration is None else iteration
-    transformer = _transformer_of(policy)
+    parts, untouched = _transformers_of(policy, cfg)
     out = Path(out_dir)
     base = _base_checkpoint(cfg) if cfg is not None else None
     run_dir = Path(cfg.run.output_dir) if cfg is not None else None
@@ -289,21 +288,25 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
         world_note = "written from the run config (random-init base)" if synthesized else str(world_file.resolve())
 
     t0 = time.time()
-    state = merged_state_dict(transformer)
-    lora = bool(lora_layers(transformer))
-    target = DTYPES[dtype]
-    state = {k: v.to(target) for k, v in state.items()}
+    lora = all(lora_layers(t) for _, t in parts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        transformer.save_config(str(tmp))  # the diffusers config.json, prediction key included
-        files = write_weights(state, tmp, max_shard_bytes)
-        adapter = None
-        if lora:
-            adapter = write_adapter(transformer, tmp / ADAPTER_FOLDER, None if base is None else str(base))
+        files, adapter, parameters = [], {}, 0
+        for sub, transformer in parts:  # one merge at a time: one expert's float64 copy in memory
+            state = {k: v.to(DTYPES[dtype]) for k, v in merged_state_dict(transformer).items()}
+            folder = tmp / sub
+            folder.mkdir(exist_ok=True)
+            transformer.save_config(str(folder))  # the diffusers config.json, prediction key included
+            files += [str(Path(sub) / f) for f in write_weights(state, folder, max_shard_bytes)]
+            parameters += sum(v.numel() for v in state.values())
+            if lora:
+                adapter[sub] = write_adapter(transformer, folder / ADAPTER_FOLDER,
+                                             None if base is None else str(base / sub))
+            del state
         if isinstance(world_file, Path):
             if not world_file.is_file():
                 raise ValueError(f"world={str(world_file)!r} is not a world.json file")
@@ -318,17 +321,18 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
             "task": None if cfg is None else cfg.task.kind,
             "finetune": "lora" if lora else "full",
             "merged": lora,  # the LoRA deltas are in the weights
-            "adapter": ADAPTER_FOLDER if lora else None,
-            "lora": adapter,
+            "adapter": ADAPTER_FOLDER if lora else None,  # in each written transformer's folder
+            "lora": adapter.get("") if parts[0][0] == "" else (adapter or None),
+            "experts": None if parts[0][0] == "" else {"written": [sub for sub, _ in parts], "base": untouched},
             "base_checkpoint": None if base is None else str(base.resolve()),
             "base_random_init": None if cfg is None or base is not None else {
                 "architecture": cfg.model.architecture, "architecture_overrides": cfg.model.architecture_overrides,
                 "seed": cfg.run.seed},
-            "pipeline": cfg.video.pipeline if cfg is not None and cfg.task.kind == "hunyuanvideo15" else None,
+            "pipeline": cfg.video.pipeline if cfg is not None and cfg.task.kind in ("hunyuanvideo15", "wan") else None,
             "world_json": world_note,
             "dtype": dtype,
             "weights": files,
-            "parameters": sum(v.numel() for v in state.values()),
+            "parameters": parameters,
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
@@ -385,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sage_fast.export: {err}", file=sys.stderr)
         return 2
     manifest = json.loads((out / "export.json").read_text())
+    folders = [out / sub for sub in (manifest["experts"] or {"written": [""]})["written"]]
+    adapters = ", ".join(str(f / ADAPTER_FOLDER) for f in folders)
     print(f"exported iteration {manifest['iteration']} of {args.run} to {out} "
-          f"({'LoRA merged, adapter in ' + str(out / ADAPTER_FOLDER) if manifest['merged'] else 'full weights'})")
+          f"({'LoRA merged, adapter in ' + adapters if manifest['merged'] else 'full weights'})")
     return 0
 
 

@@ -356,4 +356,8 @@ def _compare(trainer, out: Path) -> str | None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from sage_fast.parallel import exit_worker
+
+        exit_worker(main)  # after destroy_process_group, without interpreter finalization (its doc: why)
     sys.exit(main())

@@ -102,8 +102,8 @@ def wan21_t2v_1_3b_480p() -> TrainConfig:
     and CFG 5), 20 rollout steps, G = 8 (Pref-GRPO's group size), LoRA on every attention and FFN
     linear layer, bf16 autocast and activation checkpointing, DDP (1.3B fits every GPU, and CUDA
     graphs replay the rollouts; dist.strategy=fsdp2 and dist.sp also run). SAGE-GRPO with the dual
-    moving-anchor KL; every SDE type and KL mode can be chosen. The final export is not wired for
-    Wan yet (the checkpoints hold the LoRA). The negative prompt is empty, the pipeline's default
+    moving-anchor KL; every SDE type and KL mode can be chosen. The final export writes the trained
+    `transformer/` (sage_fast.export). The negative prompt is empty, the pipeline's default
     (Wan's release configs use a fixed one, `sample_neg_prompt`: set video.negative_prompt to it),
     and video.dtype (bf16) is also the VAE's (diffusers' Wan examples decode in float32:
     video.dtype=float32 for that). Point `video.pipeline` and `model.checkpoint` (or
@@ -111,7 +111,7 @@ def wan21_t2v_1_3b_480p() -> TrainConfig:
     root = wan_root("Wan2.1-T2V-1.3B-Diffusers", "SAGE_FAST_WAN21")
     return TrainConfig(
         run=RunConfig(output_dir="runs/wan21_t2v_1.3b_480p", steps=200, eval_every=20, save_every=10,
-                      save_videos=True, export_final=False),
+                      save_videos=True),
         model=VelocityModelConfig(family="wan", checkpoint=root, finetune="lora", lora_rank=32, lora_alpha=32.0,
                                   autocast_dtype="bfloat16", gradient_checkpointing=True),
         sampler=SamplerConfig(num_steps=20, shift=3.0, sde_type="sage_grpo", eta=0.5, cfg_scale=5.0),
@@ -130,8 +130,8 @@ def wan22_a14b_t2v_480p() -> TrainConfig:
     """Wan 2.2 text-to-video A14B (two 14B experts: `transformer` above the boundary timestep, i.e.
     high noise, `transformer_2` below it) at 480p: 81 x 480 x 832, flow shift 12 and the boundary
     0.875 of the Wan 2.2 release's T2V-A14B config (the boundary is read from the folder's
-    model_index.json), CFG 4 (that config's high-noise scale; its low-noise expert uses 3, and one
-    scale serves both here), 20 rollout steps, G = 8, LoRA on both experts (model.experts), bf16,
+    model_index.json), CFG 4 on the high-noise expert's steps and 3 on the low-noise expert's
+    (that config's `sample_guide_scale`; model.low_noise_cfg_scale), 20 rollout steps, G = 8, LoRA on both experts (model.experts), bf16,
     activation checkpointing, FSDP2 (both experts sharded; every rank runs both each call). Point
     `video.pipeline` and `model.checkpoint` (or $SAGE_FAST_WAN22) at a local
     Wan2.2-T2V-A14B-Diffusers folder."""
@@ -139,9 +139,10 @@ def wan22_a14b_t2v_480p() -> TrainConfig:
     cfg = wan21_t2v_1_3b_480p()
     return TrainConfig(
         run=RunConfig(output_dir="runs/wan22_a14b_t2v_480p", steps=200, eval_every=20, save_every=10,
-                      save_videos=True, export_final=False),
+                      save_videos=True),
         model=VelocityModelConfig(family="wan", checkpoint=root, finetune="lora", lora_rank=32, lora_alpha=32.0,
-                                  autocast_dtype="bfloat16", gradient_checkpointing=True, experts="both"),
+                                  autocast_dtype="bfloat16", gradient_checkpointing=True, experts="both",
+                                  low_noise_cfg_scale=3.0),
         sampler=SamplerConfig(num_steps=20, shift=12.0, sde_type="sage_grpo", eta=0.5, cfg_scale=4.0),
         task=cfg.task, video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480,
                                          width=832, vae_tiling=False),

@@ -335,9 +335,6 @@ class TrainConfig:
         if family == "wan" and self.dist.strategy not in ("ddp", "fsdp2"):
             raise ValueError(f"model.family='wan' runs with dist.strategy='ddp' or 'fsdp2' (got "
                              f"{self.dist.strategy!r}): DeepSpeed ZeRO-2 is wired for HunyuanVideo-1.5 only")
-        if family == "wan" and self.run.export_final:
-            raise ValueError("model.family='wan' needs run.export_final=false: the final export is not wired for "
-                             "Wan yet (the run's checkpoints hold the policy)")
         if self.grpo.train_steps is not None and self.grpo.train_steps > len(self.sampler.stochastic_steps()):
             raise ValueError(f"grpo.train_steps={self.grpo.train_steps} exceeds the "
                              f"{len(self.sampler.stochastic_steps())} steps of the SDE window")

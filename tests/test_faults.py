@@ -33,7 +33,7 @@ def _cfg(tmp_path, *extra):
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SAGE_FAST_CHECKPOINT_WRITE_DELAY_S"):
         env.pop(k, None)
     return env

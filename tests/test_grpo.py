@@ -83,7 +83,7 @@ def test_advantages_are_clamped_and_validated():
 def test_advantages_two_ranks_equal_one_rank():
     """Groups split across 2 gloo ranks give each rank exactly its slice of the 1-rank result."""
     script = ROOT / "tests" / "dist" / "advantages.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

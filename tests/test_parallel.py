@@ -22,7 +22,7 @@ SCRIPT = ROOT / "tests" / "dist" / "equivalence.py"
 
 
 def _torchrun(*modes, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), *modes]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -38,3 +38,20 @@ def test_two_ranks_sequence_parallel_and_fsdp2_equal_one_process():
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{report or proc.stderr[-4000:]}"
     for mode in modes:
         assert f"OK {mode}:" in proc.stdout, f"no OK line for {mode}:\n{proc.stdout[-2000:]}"
+
+
+@pytest.mark.parametrize("body, code, printed", [
+    ("return 3", 3, None), ("return None", 0, None), ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ("sys.exit('bad config')", 1, "bad config"), ("sys.exit(4)", 4, None)])
+def test_exit_worker_keeps_the_exit_code_and_the_output(body, code, printed):
+    """exit_worker ends the process with main's code as the interpreter would (an exception: its
+    traceback and 1), with buffered stdout and log records written before it leaves."""
+    script = ("import logging, sys\nfrom sage_fast.parallel import exit_worker\n"
+              "logging.basicConfig(stream=sys.stdout, level=logging.INFO)\n"
+              f"def main():\n    print('buffered', end='')\n    logging.info('logged')\n    {body}\n"
+              "exit_worker(main)\nprint('never')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.startswith("buffered") and "logged" in proc.stdout and "never" not in proc.stdout
+    if printed:
+        assert printed in proc.stderr

@@ -305,7 +305,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy)
     """2 ranks (data parallel, or one Ulysses sp=2 group) == 1 rank (gradients), and 1 + 1
     iterations with a resume == 2 on both ranks."""
     script = ROOT / "tests" / "dist" / "trainer.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path), strategy], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -319,7 +319,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, strategy)
 def test_cli_on_two_ranks_evaluates_on_every_rank_under_fsdp2_and_sp(tmp_path):
     """The evaluation forward is a collective under FSDP2 and Ulysses: every rank must run it
     (rank 0 alone used to leave the other rank in the rollout: a collective mismatch)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
     args = TINY + [f"run.output_dir={tmp_path}/run", "run.steps=2", "run.eval_every=1", "dist.strategy=fsdp2",
                    "dist.sp=2"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -145,12 +145,14 @@ def test_schedule_sigmas_equal_the_scheduler_on_the_same_grid(tiny):
     assert float((sched.sigmas.double() - ours).abs().max()) > 1e-2
 
 
-@pytest.mark.parametrize("two_experts", [False, True], ids=["wan21", "wan22_two_experts"])
-def test_ode_rollout_equals_the_pipeline(tiny, tiny2, two_experts, monkeypatch):
+@pytest.mark.parametrize("two_experts, scale_2", [(False, None), (True, None), (True, 1.5)],
+                         ids=["wan21", "wan22_two_experts", "wan22_guidance_scale_2"])
+def test_ode_rollout_equals_the_pipeline(tiny, tiny2, two_experts, scale_2, monkeypatch):
     """RolloutEngine (eta = 0: every step is the Euler step) with our velocity vs
-    WanPipeline.__call__ on the same grid, shift, steps, guidance and initial latents: the
-    final latents within the tolerance rule of float32 against a float64 Euler loop; the expert
-    of every step equal; sigmas within float32 rounding of ours."""
+    WanPipeline.__call__ on the same grid, shift, steps, guidance (the low-noise expert's own
+    scale: the pipeline's guidance_scale_2) and initial latents: the final latents within the
+    tolerance rule of float32 against a float64 Euler loop; the expert of every step equal;
+    sigmas within float32 rounding of ours."""
     folder = tiny2 if two_experts else tiny
     n, scale = 6, 4.0
     pipe = _pipeline(folder)
@@ -158,7 +160,7 @@ def test_ode_rollout_equals_the_pipeline(tiny, tiny2, two_experts, monkeypatch):
     assert boundary == (TINY_WAN_BOUNDARY_RATIO * 1000 if two_experts else None)
     model = WanVelocityModel(load_wan_transformer(folder),
                              load_wan_transformer(folder, "transformer_2") if two_experts else None, boundary,
-                             autocast_dtype=None, text_length=L)
+                             autocast_dtype=None, text_length=L, low_noise_cfg_scale=scale_2)
     enc = WanPromptEncoder(folder, dtype=torch.float32, max_sequence_length=L)
     prompts = PROMPTS[1:3]
     cond = Conditioning(prompt=enc.encode(prompts), negative=enc.encode(["", ""]))
@@ -183,7 +185,8 @@ def test_ode_rollout_equals_the_pipeline(tiny, tiny2, two_experts, monkeypatch):
     monkeypatch.setattr(pipe.scheduler, "set_timesteps",
                         functools.partial(pipe.scheduler.set_timesteps, sigmas=u.tolist()))
     out = pipe(prompt=prompts, height=8 * SHAPE[3], width=8 * SHAPE[4], num_frames=4 * (SHAPE[2] - 1) + 1,
-               num_inference_steps=n, guidance_scale=scale, generator=torch.Generator().manual_seed(0),
+               num_inference_steps=n, guidance_scale=scale, guidance_scale_2=scale_2,
+               generator=torch.Generator().manual_seed(0),
                latents=traj.latents[0].clone(), output_type="latent", max_sequence_length=L).frames
     assert_within_baseline("sigmas", pipe.scheduler.sigmas, engine.sigmas.float(), engine.sigmas, torch.float32)
 
@@ -199,8 +202,10 @@ def test_ode_rollout_equals_the_pipeline(tiny, tiny2, two_experts, monkeypatch):
         for i in range(n):
             sigma, sigma_next = engine.sigmas[i], engine.sigmas[i + 1]
             timestep = torch.full((SHAPE[0],), 1000.0, dtype=torch.float64) * sigma
-            expert = t64["high" if boundary is None or 1000 * sigma >= boundary else "low"]
-            x = x + (sigma_next - sigma) * _guided(expert, x, timestep, emb.double(), neg.double(), scale)
+            high = boundary is None or 1000 * sigma >= boundary
+            s_i = scale if high or scale_2 is None else scale_2
+            x = x + (sigma_next - sigma) * _guided(t64["high" if high else "low"], x, timestep, emb.double(),
+                                                    neg.double(), s_i)
     assert_within_baseline("rollout", traj.final, out, x, torch.float32)
 
 
@@ -272,6 +277,31 @@ def test_mixed_timesteps_run_each_expert_on_its_rows(tiny2, scale):
         assert grads and all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
     with pytest.raises(ValueError, match=r"cfg_scale must be a float or of shape \[5\]"):
         model.velocity(x, t, cond, torch.ones(3))
+
+
+def test_low_noise_expert_guides_with_its_own_scale(tiny, tiny2):
+    """low_noise_cfg_scale (the pipeline's guidance_scale_2): in a mixed batch the low-noise
+    expert's rows equal, bitwise, a call of those rows at that scale, and the high-noise rows
+    keep the caller's; cfg_scale 1 guides neither expert (the pipeline decides guidance by
+    guidance_scale alone); a one-expert model or folder refuses it."""
+    model = _lora_two_experts(tiny2)
+    x, cond = _mixed_inputs()
+    t = torch.tensor([500.0, 950.0, 874.9, 875.0, 999.0])
+    high, low = torch.tensor([1, 3, 4]), torch.tensor([0, 2])
+    low_cond = cond.index_select(low)
+    with torch.no_grad():
+        plain, unguided = model.velocity(x, t, cond, 4.0), model.velocity(x, t, cond, 1.0)
+        at_2 = model.velocity(x[low], t[low], low_cond, 2.0)
+        model.low_noise_cfg_scale = 2.0
+        v = model.velocity(x, t, cond, 4.0)
+        assert torch.equal(v[high], plain[high]) and torch.equal(v[low], at_2)
+        assert torch.equal(model.velocity(x[low], t[low], low_cond, 4.0), at_2)  # one expert's call alike
+        assert (v[low] - plain[low]).abs().max() > 1e-3  # the scale does change them
+        assert torch.equal(model.velocity(x, t, cond, 1.0), unguided)
+    with pytest.raises(ValueError, match="low_noise_cfg_scale is the low-noise expert's guidance"):
+        WanVelocityModel(model.transformer, low_noise_cfg_scale=2.0)
+    with pytest.raises(ValueError, match="model.low_noise_cfg_scale needs a two-expert"):
+        build_wan_velocity_model(tiny, low_noise_cfg_scale=2.0, text_length=L)
 
 
 def test_decoder_equals_the_pipeline_decode(tiny):
@@ -393,6 +423,8 @@ def test_model_config_family_wan_builds_the_two_expert_policy(tiny, tiny2):
                                lora_target_modules=mine).lora_target_modules == mine
     a, b = build_policy_model(cfg, run_seed=3), build_policy_model(cfg, run_seed=3)
     assert isinstance(a, WanVelocityModel) and a.boundary_timestep == TINY_WAN_BOUNDARY_RATIO * 1000
+    assert a.low_noise_cfg_scale is None
+    assert build_policy_model(dataclasses.replace(cfg, low_noise_cfg_scale=3), run_seed=3).low_noise_cfg_scale == 3.0
     assert a.transformer.config.num_attention_heads == 2  # what the trainer reads
     assert a.transformer.config.in_channels == TINY_WAN_LATENT_CHANNELS
     trained = {n for n, p in a.named_parameters() if p.requires_grad}
@@ -430,6 +462,12 @@ def test_model_config_errors_name_the_field(tiny):
         VelocityModelConfig(family="wan", checkpoint=str(tiny), prediction="sample")
     with pytest.raises(ValueError, match=r"model\.experts='low' needs a two-expert .* use 'both' or 'high'"):
         build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny), experts="low"))
+    with pytest.raises(ValueError, match=r"model\.low_noise_cfg_scale=3\.0 applies to family 'wan'"):
+        VelocityModelConfig(low_noise_cfg_scale=3.0)
+    with pytest.raises(ValueError, match=r"model\.low_noise_cfg_scale must be None or a finite number, got nan"):
+        VelocityModelConfig(family="wan", checkpoint=str(tiny), low_noise_cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"model\.low_noise_cfg_scale needs a two-expert"):
+        build_velocity_model(VelocityModelConfig(family="wan", checkpoint=str(tiny), low_noise_cfg_scale=3.0))
 
 
 def test_the_attention_backend_is_chosen_once_for_every_expert(tiny2, monkeypatch):

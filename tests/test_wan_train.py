@@ -59,7 +59,10 @@ def test_wan_recipes_hold_the_published_settings():
     assert (a.sampler.shift, a.sampler.cfg_scale, a.grpo.group_size) == (3.0, 5.0, 8)
     assert a.task.kind == "wan" and a.model.family == "wan" and a.sampler.sde_type == "sage_grpo"
     b = C.get_recipe("wan22_a14b_t2v_480p")
-    assert (b.sampler.shift, b.sampler.cfg_scale, b.model.experts) == (12.0, 4.0, "both")
+    assert (b.sampler.shift, b.sampler.cfg_scale, b.model.low_noise_cfg_scale, b.model.experts) == (
+        12.0, 4.0, 3.0, "both")
+    assert a.model.low_noise_cfg_scale is None  # one expert
+    assert a.run.export_final and b.run.export_final
     assert b.task.kind == "wan" and b.grpo.kl_mode == "dual_moving"
 
 
@@ -76,8 +79,6 @@ def test_wan_task_needs_the_wan_family(wan21, tmp_path, reward_module):
     with pytest.raises(ValueError, match=r"video.eval_metrics repeats the reward's \['clip_score'\]"):
         train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, f"clip_score={clip}",
                                       f"video.eval_metrics=clip_score={clip}"))
-    with pytest.raises(ValueError, match="run.export_final=false"):
-        _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "run.export_final=true")
     with pytest.raises(ValueError, match="video.pipeline"):
         train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module,
                                       f"video.pipeline={tmp_path / 'nowhere'}"))
@@ -133,7 +134,7 @@ def test_two_ranks_ulysses_and_fsdp2_equal_one_process_for_wan(wan21, wan22, tmp
     samples == 1 x 4, and 1 + 1 iterations == 2 bitwise): tests/dist/wan_parallel.py."""
     root = Path(__file__).resolve().parents[1]
     modes = ("sp", "fsdp_experts", "fsdp_sp", "trainer", "trainer_experts")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(root / "tests" / "dist" / "wan_parallel.py"), str(wan21), str(wan22),
@@ -164,3 +165,69 @@ def test_one_trained_expert_trains_only_its_steps(experts, wan22, tmp_path, rewa
         m = trainer.step()
         assert not m["update_skipped"] and set(m["per_step"]["ratio"]) <= set(trainer.trainable_steps)
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.trainable)
+
+
+@pytest.mark.parametrize("experts", ["both", "high"])
+def test_export_writes_each_trained_expert_as_its_pipeline_part(experts, wan22, tmp_path, reward_module):
+    """export_run of a Wan 2.2 run: OUT/transformer (and OUT/transformer_2 when it trained), each
+    a WanTransformer3DModel folder with the LoRA merged that diffusers reads, and its peft
+    adapter; with the base's frozen expert beside them they give the trained policy's velocity
+    on both sides of the boundary, within the tolerance rule of float32 (the base does not);
+    the export of the policy in memory (the run's final export) has the same weights, bitwise."""
+    import copy
+    import json
+
+    from diffusers import WanTransformer3DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny_run import nudge_lora
+    from tolerance import assert_within_baseline
+
+    from sage_fast.export import export_policy, export_run
+    from sage_fast.models import WanVelocityModel, load_wan_transformer
+    from sage_fast.train import prepare_run_dir
+    from sage_fast.trainer import Trainer
+
+    cfg = _cfg("wan22_a14b_t2v_480p", wan22, tmp_path / "run", reward_module, f"model.experts={experts}")
+    run = prepare_run_dir(cfg)
+    trainer = Trainer(cfg)
+    nudge_lora(trainer)
+    trainer.save()  # iteration 0
+    out = export_run(run, tmp_path / "out")
+    written = ["transformer", "transformer_2"] if experts == "both" else ["transformer"]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["experts"] == {"written": written, "base": [] if experts == "both" else ["transformer_2"]}
+    assert manifest["task"] == "wan" and manifest["pipeline"] == str(wan22) and manifest["merged"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == written
+    parts = {sub: WanTransformer3DModel.from_pretrained(out / sub) for sub in written}
+    adapters = {sub: PeftModel.from_pretrained(load_wan_transformer(wan22, sub), out / sub / "adapter").get_base_model()
+                for sub in written}
+
+    policy = trainer.model
+    x = torch.randn((4,) + tuple(trainer.task.latent_shape), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999.0, 900.0, 500.0, 100.0])  # both sides of the boundary (875)
+    prompts = trainer.task.eval_prompts + trainer.task.train_prompts[:2]
+    cond, scale = trainer.task.conditioning(prompts), 4.0
+
+    def wan(high, low):
+        return WanVelocityModel(high, low, policy.boundary_timestep, autocast_dtype=None,
+                                text_length=policy.text_length, low_noise_cfg_scale=policy.low_noise_cfg_scale)
+
+    with torch.no_grad():
+        ref64 = wan(copy.deepcopy(policy.transformer).double(), copy.deepcopy(policy.transformer_2).double()).velocity(
+            x.double(), t.double(), cond.to(torch.float64), scale)
+        v_policy = policy.velocity(x, t, cond, scale)
+        for name, experts_out in (("merged", parts), ("adapter", adapters)):
+            high = experts_out["transformer"]
+            low = experts_out.get("transformer_2") or load_wan_transformer(wan22, "transformer_2")
+            assert_within_baseline(f"wan export {name}", wan(high, low).velocity(x, t, cond, scale), v_policy, ref64,
+                                   torch.float32)
+        v_base = wan(load_wan_transformer(wan22), load_wan_transformer(wan22, "transformer_2")).velocity(
+            x, t, cond, scale)
+    assert float((v_policy - v_base).abs().max()) > 1e-2 * float(v_policy.abs().max())
+
+    memory = export_policy(trainer, tmp_path / "memory")
+    for sub in written:
+        a = load_file(out / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(memory / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub

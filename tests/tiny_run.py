@@ -8,3 +8,15 @@ TINY = [
     "grpo.train_steps=2", "grpo.micro_batch=4", "grpo.clip_range=0.01", "optim.lr=0.01",
     "run.eval_every=100", "run.save_every=100", "run.tensorboard=false", "run.save_videos=false",
 ]
+
+
+def nudge_lora(trainer, scale: float = 0.1, seed: int = 0) -> None:
+    """Move every LoRA B matrix off its zero initialisation (B = 0 makes every LoRA delta zero,
+    which would hide a merge or an adapter that is missing)."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for n, p in trainer.trainable:
+            if "lora_B" in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))

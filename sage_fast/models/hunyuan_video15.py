@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,10 @@ class VelocityModelConfig:
     its own LoRA (or all its weights with finetune='full'), the others stay frozen and take no
     LoRA. A one-expert folder allows 'both' and 'high' (its one transformer). Must stay 'both'
     for 'hunyuanvideo15'."""
+    low_noise_cfg_scale: float | None = None
+    """family 'wan', two-expert folder: the guidance scale of the steps `transformer_2` serves
+    (diffusers' `guidance_scale_2`; the Wan 2.2 release samples T2V-A14B with 4.0 high, 3.0
+    low), used whenever sampler.cfg_scale guides (!= 1); None: sampler.cfg_scale on both."""
     checkpoint_config: str | None = None
     """config.json for a bare .safetensors checkpoint (default: the config.json next to it)."""
     autocast_dtype: str = "bfloat16"
@@ -128,6 +133,9 @@ class VelocityModelConfig:
             if self.experts != "both":
                 raise ValueError(f"model.experts={self.experts!r} applies to family 'wan' (two-expert Wan 2.2); "
                                  "family 'hunyuanvideo15' has one transformer: leave it 'both'")
+            if self.low_noise_cfg_scale is not None:
+                raise ValueError(f"model.low_noise_cfg_scale={self.low_noise_cfg_scale!r} applies to family 'wan' "
+                                 "(two-expert Wan 2.2); family 'hunyuanvideo15' has one transformer: leave it None")
             if tuple(self.lora_target_modules) == WAN_LORA_TARGETS:
                 self.lora_target_modules = DEFAULT_LORA_TARGETS  # the family's default (see the field's doc)
         if self.autocast_dtype not in AUTOCAST_DTYPES:
@@ -158,6 +166,10 @@ class VelocityModelConfig:
         if self.prediction not in (None, "velocity"):
             raise ValueError(f"model.prediction must be None or 'velocity' for model.family='wan' (Wan predicts "
                              f"the velocity), got {self.prediction!r}")
+        scale = self.low_noise_cfg_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"model.low_noise_cfg_scale must be None or a finite number, got {scale!r}")
         if tuple(self.lora_target_modules) == DEFAULT_LORA_TARGETS:
             self.lora_target_modules = WAN_LORA_TARGETS  # the family's default (see the field's doc)
 
@@ -281,7 +293,8 @@ def build_velocity_model(config: VelocityModelConfig | None = None, device="cpu"
                                         lora_targets=config.lora_target_modules,
                                         gradient_checkpointing=config.gradient_checkpointing,
                                         autocast_dtype=AUTOCAST_DTYPES[config.autocast_dtype], device=device,
-                                        attention_backend=config.attention_backend)
+                                        attention_backend=config.attention_backend,
+                                        low_noise_cfg_scale=config.low_noise_cfg_scale)
     if config.checkpoint is not None:
         transformer = load_transformer(config.checkpoint, config.checkpoint_config, device=device)
     else:

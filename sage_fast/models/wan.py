@@ -29,9 +29,12 @@ the same experts in each call: the strategy sets `sync_experts` (this rank's exp
 this call has no row for runs on a stand-in (the call's first row) whose output is discarded
 and whose backward receives an exact zero gradient (`_StandIn`): the velocity is unchanged
 bitwise and the stand-in adds nothing to any gradient. Rollout steps share one timestep on
-every rank, so only the training's mixed micro-batches pay a stand-in (one row, two with CFG). The
-pipeline's separate `guidance_scale_2` for the low-noise expert is not modelled: the caller's
-cfg_scale serves both (the pipeline's default when guidance_scale_2 is None).
+every rank, so only the training's mixed micro-batches pay a stand-in (one row, two with CFG).
+Guidance per expert: `low_noise_cfg_scale` (the pipeline's `guidance_scale_2`; the Wan 2.2
+release samples T2V-A14B with 4.0 high, 3.0 low) replaces the caller's cfg_scale on the rows
+`transformer_2` serves, whenever the call is guided; None (the pipeline's default) uses the
+caller's scale for both. Whether a call is guided is the caller's scale alone (cfg_scale == 1:
+no guidance on either expert), as the pipeline decides by `guidance_scale`.
 
 Not covered: image-to-video (Wan 2.1 I2V's image embeds, 36 input channels) and Wan 2.2
 TI2V-5B (`expand_timesteps`: per-token timesteps); both are refused by the folder check or
@@ -123,14 +126,18 @@ class WanVelocityModel(nn.Module):
 
     def __init__(self, transformer: nn.Module, transformer_2: nn.Module | None = None,
                  boundary_timestep: float | None = None, autocast_dtype: torch.dtype | None = torch.bfloat16,
-                 text_length: int = WAN_TEXT_LENGTH) -> None:
+                 text_length: int = WAN_TEXT_LENGTH, low_noise_cfg_scale: float | None = None) -> None:
         super().__init__()
         if (transformer_2 is None) != (boundary_timestep is None):
             raise ValueError("transformer_2 and boundary_timestep go together (Wan 2.2 A14B) or not at all (Wan 2.1)")
         if boundary_timestep is not None and not 0 < float(boundary_timestep) < 1000:
             raise ValueError(f"boundary_timestep must lie in (0, 1000), got {boundary_timestep!r}")
+        if low_noise_cfg_scale is not None and transformer_2 is None:
+            raise ValueError("low_noise_cfg_scale is the low-noise expert's guidance: it needs transformer_2 "
+                             "(Wan 2.2 A14B)")
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.boundary_timestep = None if boundary_timestep is None else float(boundary_timestep)
+        self.low_noise_cfg_scale = None if low_noise_cfg_scale is None else float(low_noise_cfg_scale)
         self.autocast_dtype, self.text_length = autocast_dtype, text_length
         cfg = transformer.config
         for name, t in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -245,8 +252,11 @@ class WanVelocityModel(nn.Module):
 
     def _expert_velocity(self, expert: nn.Module, latents_bcthw: torch.Tensor, timestep_b: torch.Tensor,
                          conditioning: Conditioning, cfg_scale, guided: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        """One forward of `expert` on B rows (2B with guidance), text checked by the caller."""
+        """One forward of `expert` on B rows (2B with guidance), text checked by the caller; the
+        low-noise expert guides with its own scale when it has one (module doc)."""
         B, device = latents_bcthw.shape[0], latents_bcthw.device
+        if guided and expert is self.transformer_2 and self.low_noise_cfg_scale is not None:
+            cfg_scale = self.low_noise_cfg_scale
         text = _pad_text(conditioning.prompt.embeds_bld, self.text_length)
         x_in, timestep_in = latents_bcthw, timestep_b
         if guided:
@@ -278,19 +288,24 @@ def build_wan_velocity_model(folder: str | Path, *, finetune: str = "lora", expe
                              lora_rank: int = 32, lora_alpha: float = 32.0, lora_targets=WAN_LORA_TARGETS,
                              gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = torch.bfloat16,
                              text_length: int = WAN_TEXT_LENGTH, device="cpu", attention_backend: str = "auto",
+                             low_noise_cfg_scale: float | None = None,
                              field: str = "model.checkpoint") -> WanVelocityModel:
     """The policy from a pipeline folder: its transformer(s) (both experts and the boundary for
     Wan 2.2 A14B). `experts` ('both', 'high', 'low'; a one-expert folder: 'both' or 'high')
     chooses which train: each trained expert gets its own LoRA (or all its weights trainable
     with finetune='full') and activation checkpointing per block when asked (diffusers'
     `enable_gradient_checkpointing`); the others are frozen, without LoRA. LoRA's A matrices
-    draw from the global RNG, `transformer`'s first (`build_policy_model` seeds it)."""
+    draw from the global RNG, `transformer`'s first (`build_policy_model` seeds it).
+    low_noise_cfg_scale: the low-noise expert's guidance (module doc); a two-expert folder only."""
     if finetune not in ("lora", "full"):
         raise ValueError(f"finetune must be one of ('lora', 'full'), got {finetune!r}")
     if experts not in WAN_EXPERTS:
         raise ValueError(f"model.experts must be one of {WAN_EXPERTS}, got {experts!r}")
     check_wan_pipeline_folder(folder, field, parts=("transformer", "scheduler"))
     boundary = wan_boundary_timestep(folder, field)
+    if boundary is None and low_noise_cfg_scale is not None:
+        raise ValueError(f"model.low_noise_cfg_scale needs a two-expert (Wan 2.2 A14B) folder; {field}="
+                         f"{str(folder)!r} has one transformer: leave it None")
     if boundary is None and experts == "low":
         raise ValueError(f"model.experts='low' needs a two-expert (Wan 2.2 A14B) folder; {field}={str(folder)!r} "
                          "has one transformer: use 'both' or 'high'")
@@ -312,4 +327,5 @@ def build_wan_velocity_model(folder: str | Path, *, finetune: str = "lora", expe
         if train and gradient_checkpointing:
             t.enable_gradient_checkpointing()
     return WanVelocityModel(models[0], models[1] if boundary is not None else None, boundary,
-                            autocast_dtype=autocast_dtype, text_length=text_length)
+                            autocast_dtype=autocast_dtype, text_length=text_length,
+                            low_noise_cfg_scale=low_noise_cfg_scale)

@@ -32,4 +32,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from sage_fast.parallel import exit_worker
+
+    exit_worker(main)  # no interpreter finalization after the groups are gone (its doc: why)

@@ -243,4 +243,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from sage_fast.parallel import exit_worker
+
+    exit_worker(lambda: main(sys.argv[1:]))  # no interpreter finalization after the groups are gone (its doc: why)
