@@ -158,7 +158,9 @@ class PipelineTask:
             raise ValueError(f"video.pipeline and video.prompt_file are required for task.kind={self.kind!r}")
         self.train_prompts, self.eval_prompts = self._prompts(video_cfg)
         dtype, (decoder_class, encoder_class) = getattr(torch, video_cfg.dtype), self._classes()
-        self.decoder = decoder_class(video_cfg.pipeline, device=self.device, dtype=dtype, tiling=video_cfg.vae_tiling)
+        vae_dtype = getattr(torch, video_cfg.vae_dtype or video_cfg.dtype)
+        self.decoder = decoder_class(video_cfg.pipeline, device=self.device, dtype=vae_dtype,
+                                     tiling=video_cfg.vae_tiling)
         self.latent_shape = self.decoder.latent_shape(video_cfg.frames, video_cfg.height, video_cfg.width)
         if self.latent_shape[0] != transformer_config.out_channels:
             raise ValueError(f"the VAE of video.pipeline has {self.latent_shape[0]} latent channels but the model has "

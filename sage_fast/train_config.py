@@ -104,9 +104,9 @@ def wan21_t2v_1_3b_480p() -> TrainConfig:
     graphs replay the rollouts; dist.strategy=fsdp2 and dist.sp also run). SAGE-GRPO with the dual
     moving-anchor KL; every SDE type and KL mode can be chosen. The final export writes the trained
     `transformer/` (sage_fast.export). The negative prompt is empty, the pipeline's default
-    (Wan's release configs use a fixed one, `sample_neg_prompt`: set video.negative_prompt to it),
-    and video.dtype (bf16) is also the VAE's (diffusers' Wan examples decode in float32:
-    video.dtype=float32 for that). Point `video.pipeline` and `model.checkpoint` (or
+    (Wan's release configs use a fixed one, `sample_neg_prompt`: set video.negative_prompt to it);
+    the text encoder runs in bf16 and the VAE in float32 (video.vae_dtype), as diffusers' Wan
+    examples load them. Point `video.pipeline` and `model.checkpoint` (or
     $SAGE_FAST_WAN21) at a local Wan2.1-T2V-1.3B-Diffusers folder."""
     root = wan_root("Wan2.1-T2V-1.3B-Diffusers", "SAGE_FAST_WAN21")
     return TrainConfig(
@@ -117,7 +117,7 @@ def wan21_t2v_1_3b_480p() -> TrainConfig:
         sampler=SamplerConfig(num_steps=20, shift=3.0, sde_type="sage_grpo", eta=0.5, cfg_scale=5.0),
         task=TaskConfig(kind="wan"),
         video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480, width=832,
-                          vae_tiling=False),
+                          vae_dtype="float32", vae_tiling=False),
         grpo=GRPOConfig(samples_per_rank=2, group_size=8, micro_batch=1, clip_range=1e-4,
                         kl_mode="dual_moving", beta=0.01, update_ref_every=10),
         optim=OptimConfig(lr=1e-5),
@@ -145,7 +145,7 @@ def wan22_a14b_t2v_480p() -> TrainConfig:
                                   low_noise_cfg_scale=3.0),
         sampler=SamplerConfig(num_steps=20, shift=12.0, sde_type="sage_grpo", eta=0.5, cfg_scale=4.0),
         task=cfg.task, video=VideoConfig(pipeline=root, prompt_file="prompts/train.txt", frames=81, height=480,
-                                         width=832, vae_tiling=False),
+                                         width=832, vae_dtype="float32", vae_tiling=False),
         grpo=cfg.grpo, optim=cfg.optim, dist=DistConfig(strategy="fsdp2", sp=1),
     )
 

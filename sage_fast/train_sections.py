@@ -185,6 +185,9 @@ class VideoConfig:
     """JSON {dimension: weight}; empty = weight 1 for every returned dimension."""
     dtype: str = "bfloat16"
     """Text encoders' and VAE's dtype: bfloat16, float16 or float32."""
+    vae_dtype: str | None = None
+    """The VAE's own dtype when it differs (bfloat16, float16 or float32; None = video.dtype):
+    diffusers' Wan examples load the VAE in float32 beside a bf16 pipeline."""
     vae_tiling: bool = True
     """Decode in spatial tiles (diffusers' VAE tiling) to bound decode memory."""
     text_batch: int = 8
@@ -192,6 +195,8 @@ class VideoConfig:
 
     def __post_init__(self):
         _one_of("video.dtype", self.dtype, PIPELINE_DTYPES)
+        if self.vae_dtype is not None:
+            _one_of("video.vae_dtype", self.vae_dtype, PIPELINE_DTYPES)
         _positive_int("video.frames", self.frames)
         if (self.frames - 1) % 4:
             raise ValueError(f"video.frames must be 4k+1 (e.g. 33, 61, 81), got {self.frames}")

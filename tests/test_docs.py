@@ -2,7 +2,7 @@
 
 A citation is any mention of the word SPEC (identifiers such as `SPEC_STD` are not mentions) in
 the project's code and docs: the .py, .cpp, .cu, .h and .md files under sage_fast/, kernels/,
-csrc/, bench/ and tests/, and README.md. Each must spell the file as `docs/SPEC.md` (from the
+csrc/, bench/, tests/ and docs/, and README.md. Each must spell the file as `docs/SPEC.md` (from the
 repository root), and a following "section N" / "sections N, M and K" / "defect N" must name a
 `## N.` heading, or a numbered item of the defects section, of docs/SPEC.md. This file is not
 scanned: its checks and examples name sections that do not exist on purpose.
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "docs" / "SPEC.md"
-SCAN_DIRS = ("sage_fast", "kernels", "csrc", "bench", "tests")
+SCAN_DIRS = ("sage_fast", "kernels", "csrc", "bench", "tests", "docs")
 SCAN_FILES = ("README.md",)
 SUFFIXES = (".py", ".cpp", ".cu", ".h", ".md")
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}

@@ -63,6 +63,7 @@ def test_wan_recipes_hold_the_published_settings():
         12.0, 4.0, 3.0, "both")
     assert a.model.low_noise_cfg_scale is None  # one expert
     assert a.run.export_final and b.run.export_final
+    assert (a.video.dtype, a.video.vae_dtype) == (b.video.dtype, b.video.vae_dtype) == ("bfloat16", "float32")
     assert b.task.kind == "wan" and b.grpo.kl_mode == "dual_moving"
 
 
@@ -82,6 +83,23 @@ def test_wan_task_needs_the_wan_family(wan21, tmp_path, reward_module):
     with pytest.raises(ValueError, match="video.pipeline"):
         train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module,
                                       f"video.pipeline={tmp_path / 'nowhere'}"))
+
+
+def test_the_vae_runs_in_its_own_dtype(wan21, tmp_path, reward_module):
+    """video.vae_dtype: the VAE in float32 beside a bf16 text encoder (diffusers' Wan examples);
+    None keeps video.dtype for both; a dtype outside the list is refused, naming the field."""
+    from sage_fast.models import load_wan_transformer
+    from sage_fast.task import WanTask
+
+    config = load_wan_transformer(wan21).config
+    for vae_dtype, want in (("float32", torch.float32), ("none", torch.bfloat16)):
+        cfg = _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "video.dtype=bfloat16",
+                   f"video.vae_dtype={vae_dtype}")
+        task = WanTask(cfg.video, config)
+        assert task.decoder.dtype == want and next(task.decoder.vae.parameters()).dtype == want
+        assert task.encoder.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"video\.vae_dtype must be one of .*, got 'float8'"):
+        _cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module, "video.vae_dtype=float8")
 
 
 def _run(cfg, iterations):

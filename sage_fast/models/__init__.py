@@ -2,9 +2,10 @@
 `HunyuanVideo15Transformer3DModel`) and Wan 2.1 / 2.2 text-to-video (`WanTransformer3DModel`,
 one or two experts) behind `velocity(latents, timestep, conditioning, cfg_scale)`.
 
-    hunyuan_video15   `VelocityModelConfig` (model family 'hunyuanvideo15' or 'wan') and building
-                      the policy from it: random init or strict local loading, attention backend,
-                      LoRA or full fine-tuning; family 'wan' dispatched to `wan`
+    policy            `VelocityModelConfig` (model family 'hunyuanvideo15' or 'wan') and building
+                      the policy from it: attention backend, LoRA or full fine-tuning, activation
+                      checkpointing; family 'wan' dispatched to `wan`
+    hunyuan_video15   HunyuanVideo-1.5's transformer: random init by architecture, strict local loading
     velocity          `VelocityModel`: 65-channel input, CFG as one batched forward, autocast,
                       raw output -> velocity ("velocity" or "sample" prediction); the call's
                       shared input checks and guidance
@@ -23,9 +24,10 @@ one or two experts) behind `velocity(latents, timestep, conditioning, cfg_scale)
 from .conditioning import Conditioning, TextEmbeddings, random_conditioning
 from .configs import ARCHITECTURES, architecture
 from .hunyuan_forward import forward_batched_text, order_text_tokens
-from .hunyuan_video15 import (AUTOCAST_DTYPES, FAMILIES, FINETUNE_MODES, VelocityModelConfig, build_policy_model,
-                              build_transformer, build_velocity_model, load_transformer)
+from .hunyuan_video15 import build_transformer, load_transformer
 from .lora import DEFAULT_LORA_TARGETS, WAN_LORA_TARGETS, apply_lora
+from .policy import (AUTOCAST_DTYPES, FAMILIES, FINETUNE_MODES, VelocityModelConfig, build_policy_model,
+                     build_velocity_model)
 from .velocity import PREDICTIONS, SAMPLE_SIGMA_MIN, VelocityModel
 from .wan import (WAN_EXPERTS, WanPromptEncoder, WanTextEmbeddings, WanVelocityModel, WanVideoDecoder,
                   build_wan_velocity_model, check_wan_pipeline_folder, load_wan_transformer, wan_boundary_timestep,

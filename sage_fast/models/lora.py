@@ -5,7 +5,7 @@ Owns: `apply_lora` (base frozen, one adapter, B = 0 at start) and the default ta
 family: `DEFAULT_LORA_TARGETS` inside HunyuanVideo-1.5's double-stream blocks
 (`transformer_blocks.<i>.`), `WAN_LORA_TARGETS` inside Wan's blocks (`blocks.<i>.`).
 
-Leaves to others: choosing the targets from the config (`hunyuan_video15.VelocityModelConfig`),
+Leaves to others: choosing the targets from the config (`policy.VelocityModelConfig`),
 the models themselves (`velocity`, `wan`), merging and exporting adapters (`sage_fast.policy_files`).
 """
 

@@ -34,7 +34,7 @@ velocity conversion (`PREDICTIONS`, `SAMPLE_SIGMA_MIN`, `PREDICTION_KEY`).
 The call's contract (input checks, guidance, autocast) is the module's functions
 `velocity_inputs`, `is_guided`, `guide`, `autocast`, which `wan.WanVelocityModel` shares.
 
-Leaves to others: building, loading and LoRA (`hunyuan_video15`), the conditioning containers
+Leaves to others: building, loading and LoRA (`policy`, `hunyuan_video15`), the conditioning containers
 (`conditioning`), the batched-text forward (`hunyuan_forward`), the text encoders and VAE
 (cached embeddings come in), the sampler and the GRPO loss, distribution (`sage_fast.parallel`
 hooks the transformer; this module never sees a process group).

@@ -237,7 +237,7 @@ def parameter_gradient_norms(setup: MicroSetup, sde_type: str, eta: float, promp
     One backward pass per sample and step on a rollout of the base model (the same shared initial
     noise per prompt as the cells). Returns {"steps", "mean", "se", "samples"}."""
     engine = setup.engine(sde_type, eta)
-    P, total = len(prompts), len(prompts) * group
+    total = len(prompts) * group
     cond = setup.task.conditioning([p for p in prompts for _ in range(group)])
     traj = engine.sample(cond, (total,) + setup.latent_shape, seed=seed, first_sample=0, total_samples=total,
                          noise_index=_noise_index(0, total, group))
