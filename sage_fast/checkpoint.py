@@ -261,9 +261,10 @@ class CheckpointManager:
         if not available:
             raise ValueError(f"run {run} has no checkpoint ({self.dir} holds no complete step_* folder; the trainer "
                              "writes one every run.save_every iterations and at the last)")
-        if step is None:
-            latest = self.latest()  # the `latest` pointer, else the newest on disk
-            return next((it, path) for it, path in available.items() if path.name == latest.name)
+        if step is None:  # the `latest` pointer, else the newest on disk (by_step's own when two share a step)
+            latest = self.latest()
+            return next(((it, path) for it, path in available.items() if path.name == latest.name),
+                        list(available.items())[-1])
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0 (a checkpoint's iteration) or None (the latest), got {step!r}")
         if step not in available:

@@ -33,7 +33,10 @@ def eval_key(cfg, task) -> str:
     s = cfg.sampler
     parts = (task.eval_prompts, eval_seed(cfg.run.seed), s.num_steps, s.shift, s.sde_type, s.cfg_scale,
              tuple(task.latent_shape))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+    # settings that change what is sampled or decoded, only where set: the keys of runs without them stay as they were
+    extra = tuple((name, v) for name, v in (("low_noise_cfg_scale", cfg.model.low_noise_cfg_scale),
+                                            ("vae_dtype", cfg.video.vae_dtype)) if v is not None)
+    return hashlib.blake2b(repr(parts + extra if extra else parts).encode(), digest_size=8).hexdigest()
 
 
 log = logging.getLogger("sage_fast.evaluation")

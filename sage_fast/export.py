@@ -31,7 +31,8 @@ left to the base); `WanPipeline.from_pretrained(base, transformer=WanTransformer
 Readers: `sage_fast.world.load_base_model(OUT)` and `python -m sage_fast.world.evaluate --checkpoint
 OUT` (world), diffusers' `HunyuanVideo15Transformer3DModel.from_pretrained(OUT)`,
 `sage_fast.models.load_transformer(OUT)` and so the trainer's `model.checkpoint=OUT`, and
-`peft.PeftModel.from_pretrained(<base transformer>, OUT/adapter)`.
+`peft.PeftModel.from_pretrained(<base transformer>, OUT/adapter)`; for Wan
+`WanTransformer3DModel.from_pretrained(OUT/transformer)` and its `adapter/` likewise.
 
 Precision: the merge runs in float64 and the weights are written as float32 by default, so the
 export's velocity equals the trained policy's to float32 rounding. Half precision is available
@@ -60,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sage_fast.policy_files import lora_layers, merged_state_dict, write_adapter, write_weights
+from sage_fast.policy_files import exported_parts, lora_layers, merged_state_dict, write_adapter, write_weights
 
 __all__ = ["DTYPES", "DEFAULT_MAX_SHARD_BYTES", "ADAPTER_FOLDER", "LoadedPolicy", "list_checkpoints", "read_run_config",
            "build_policy", "load_policy", "merged_state_dict", "export_policy", "export_run", "main"]
@@ -174,37 +175,6 @@ def load_policy(run_dir: str | Path, step: int | None = None, device="cpu") -> L
 
 
 # ---------------------------------------------------------------------------------------------
-# The policy inside what export_policy is given
-
-
-def _transformers_of(policy, cfg) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """The diffusers transformer(s) to write, as (subfolder, transformer) with "" for OUT itself,
-    and the experts left out, from a Trainer, a VelocityModel, a WanVelocityModel or a peft
-    PeftModel. A Wan policy writes each expert the run trained (cfg.model.experts; every expert
-    without a cfg) into the pipeline's subfolder name; a frozen expert is the base's own."""
-    from sage_fast.models import VelocityModel, WanVelocityModel  # noqa: PLC0415
-    from sage_fast.trainer import Trainer  # noqa: PLC0415
-
-    if isinstance(policy, Trainer):
-        policy = policy.model
-    if isinstance(policy, WanVelocityModel):
-        experts = [("transformer", policy.transformer)]
-        if policy.transformer_2 is not None:
-            experts.append(("transformer_2", policy.transformer_2))
-        trained = {"both": ("transformer", "transformer_2"), "high": ("transformer",),
-                   "low": ("transformer_2",)}["both" if cfg is None else cfg.model.experts]
-        return [(n, t) for n, t in experts if n in trained], [n for n, _ in experts if n not in trained]
-    if isinstance(policy, VelocityModel):
-        policy = policy.transformer
-    if hasattr(policy, "get_base_model"):  # peft.PeftModel (an adapter loaded with PeftModel.from_pretrained)
-        policy = policy.get_base_model()
-    if not isinstance(policy, nn.Module) or not hasattr(policy, "config"):
-        raise ValueError(f"export_policy takes a Trainer, a VelocityModel, a WanVelocityModel or a diffusers "
-                         f"transformer, got {type(policy).__name__}")
-    return [("", policy)], []
-
-
-# ---------------------------------------------------------------------------------------------
 # world.json
 
 
@@ -252,8 +222,8 @@ def _check_out_dir(out: Path, overwrite: bool, protected: list[Path], run_dir: P
 def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | None = None, source: dict | None = None,
                   world: dict | str | Path | None = None, dtype: str = "float32", overwrite: bool = False,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write `policy` (a Trainer, a VelocityModel, a diffusers transformer or a peft PeftModel
-    of one) to `out_dir` in the layout of the module doc; returns the folder.
+    """Write `policy` (a Trainer, a VelocityModel, a WanVelocityModel, a diffusers transformer or
+    a peft PeftModel of one) to `out_dir` in the layout of the module doc; returns the folder.
 
     cfg: the run's TrainConfig (a Trainer's own when None): decides world.json (task.kind
     'world'), the base named in export.json and adapter_config.json. iteration: recorded in
@@ -273,7 +243,7 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
     if isinstance(policy, Trainer):
         cfg = policy.cfg if cfg is None else cfg
         iteration = policy.iteration if iteration is None else iteration
-    parts, untouched = _transformers_of(policy, cfg)
+    parts, untouched = exported_parts(policy, cfg)
     out = Path(out_dir)
     base = _base_checkpoint(cfg) if cfg is not None else None
     run_dir = Path(cfg.run.output_dir) if cfg is not None else None
@@ -296,7 +266,7 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
     tmp.mkdir()
     try:
         files, adapter, parameters = [], {}, 0
-        for sub, transformer in parts:  # one merge at a time: one expert's float64 copy in memory
+        for sub, transformer in parts:  # one expert at a time: its merged copy is freed before the next
             state = {k: v.to(DTYPES[dtype]) for k, v in merged_state_dict(transformer).items()}
             folder = tmp / sub
             folder.mkdir(exist_ok=True)
@@ -324,6 +294,8 @@ def export_policy(policy, out_dir: str | Path, *, cfg=None, iteration: int | Non
             "adapter": ADAPTER_FOLDER if lora else None,  # in each written transformer's folder
             "lora": adapter.get("") if parts[0][0] == "" else (adapter or None),
             "experts": None if parts[0][0] == "" else {"written": [sub for sub, _ in parts], "base": untouched},
+            "guidance": None if cfg is None or cfg.task.kind != "wan" else {  # no world.json carries it
+                "cfg_scale": cfg.sampler.cfg_scale, "low_noise_cfg_scale": cfg.model.low_noise_cfg_scale},
             "base_checkpoint": None if base is None else str(base.resolve()),
             "base_random_init": None if cfg is None or base is not None else {
                 "architecture": cfg.model.architecture, "architecture_overrides": cfg.model.architecture_overrides,

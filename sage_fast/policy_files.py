@@ -1,6 +1,7 @@
 """The files of an exported policy: its weights with every LoRA delta merged, in diffusers' layout,
-and the LoRA adapter alone, in peft's.
+and the LoRA adapter alone, in peft's; and which transformers of a policy are written.
 
+    parts, base_experts = exported_parts(policy, cfg)  # [(subfolder, transformer)], the experts left out
     state = merged_state_dict(transformer)        # plain class names, float32 CPU, merged in float64
     files = write_weights(state, folder, max_shard_bytes)  # diffusion_pytorch_model*.safetensors (+ index)
     lora = write_adapter(transformer, folder / "adapter", base)  # adapter_config.json + adapter_model.safetensors
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["lora_layers", "merged_state_dict", "write_weights", "write_adapter"]
+__all__ = ["exported_parts", "lora_layers", "merged_state_dict", "write_weights", "write_adapter"]
 
 _WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 _WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -30,6 +31,38 @@ def lora_layers(transformer: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
     return {name: m for name, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+
+
+def exported_parts(policy, cfg) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The diffusers transformer(s) to write, as (subfolder, transformer) with "" for OUT itself,
+    and the experts left out, from a Trainer, a VelocityModel, a WanVelocityModel or a peft
+    PeftModel. A Wan policy writes each expert the run trained into the pipeline's subfolder name
+    (cfg.model.experts; without a cfg, those with LoRA or trainable weights, else all); a frozen
+    expert is the base's own."""
+    from sage_fast.models import VelocityModel, WanVelocityModel  # noqa: PLC0415
+    from sage_fast.trainer import Trainer  # noqa: PLC0415
+
+    if isinstance(policy, Trainer):
+        policy = policy.model
+    if isinstance(policy, WanVelocityModel):
+        experts = [("transformer", policy.transformer)]
+        if policy.transformer_2 is not None:
+            experts.append(("transformer_2", policy.transformer_2))
+        if cfg is not None:
+            trained = {"both": ("transformer", "transformer_2"), "high": ("transformer",),
+                       "low": ("transformer_2",)}[cfg.model.experts]
+        else:
+            trained = tuple(n for n, t in experts if lora_layers(t) or any(p.requires_grad for p in t.parameters()))
+            trained = trained or tuple(n for n, _ in experts)
+        return [(n, t) for n, t in experts if n in trained], [n for n, _ in experts if n not in trained]
+    if isinstance(policy, VelocityModel):
+        policy = policy.transformer
+    if hasattr(policy, "get_base_model"):  # peft.PeftModel (an adapter loaded with PeftModel.from_pretrained)
+        policy = policy.get_base_model()
+    if not isinstance(policy, nn.Module) or not hasattr(policy, "config"):
+        raise ValueError(f"export_policy takes a Trainer, a VelocityModel, a WanVelocityModel or a diffusers "
+                         f"transformer, got {type(policy).__name__}")
+    return [("", policy)], []
 
 
 def merged_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:

@@ -328,7 +328,11 @@ def _export_final(trainer, out: Path) -> None:
                  out, out)
         return
     path = export_policy(trainer, run_path(out, "final_model"), overwrite=True)
-    log.info("final model: %s (load with sage_fast.world.load_base_model or diffusers' from_pretrained)", path)
+    if trainer.cfg.task.kind == "wan":
+        log.info("final model: %s (each trained expert's folder, e.g. transformer/: WanTransformer3DModel."
+                 "from_pretrained, then WanPipeline.from_pretrained(base, transformer=...))", path)
+    else:
+        log.info("final model: %s (load with sage_fast.world.load_base_model or diffusers' from_pretrained)", path)
 
 
 def _compare(trainer, out: Path) -> str | None:

@@ -184,7 +184,7 @@ class VideoConfig:
     reward_weights: str = ""
     """JSON {dimension: weight}; empty = weight 1 for every returned dimension."""
     dtype: str = "bfloat16"
-    """Text encoders' and VAE's dtype: bfloat16, float16 or float32."""
+    """Text encoders' dtype, and the VAE's unless video.vae_dtype: bfloat16, float16 or float32."""
     vae_dtype: str | None = None
     """The VAE's own dtype when it differs (bfloat16, float16 or float32; None = video.dtype):
     diffusers' Wan examples load the VAE in float32 beside a bf16 pipeline."""
@@ -337,6 +337,10 @@ class TrainConfig:
         if (self.task.kind == "wan") != (family == "wan"):
             raise ValueError(f"task.kind={self.task.kind!r} and model.family={family!r} do not fit: task.kind='wan' "
                              "goes with model.family='wan' (and only it)")
+        if self.model.low_noise_cfg_scale is not None and self.sampler.cfg_scale == 1:
+            raise ValueError(f"model.low_noise_cfg_scale={self.model.low_noise_cfg_scale} has no effect with "
+                             "sampler.cfg_scale=1 (no guidance on either expert, as in diffusers): set "
+                             "sampler.cfg_scale != 1, or model.low_noise_cfg_scale=none")
         if family == "wan" and self.dist.strategy not in ("ddp", "fsdp2"):
             raise ValueError(f"model.family='wan' runs with dist.strategy='ddp' or 'fsdp2' (got "
                              f"{self.dist.strategy!r}): DeepSpeed ZeRO-2 is wired for HunyuanVideo-1.5 only")

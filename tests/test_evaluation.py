@@ -2,6 +2,7 @@
 record of the reward alone (keys, order, means, per-prompt values), extra metrics written beside
 the reward's dimensions, and the errors of a metric that clashes with the reward's record."""
 
+import hashlib
 import sys
 from types import SimpleNamespace
 
@@ -149,3 +150,22 @@ def test_a_failing_metric_scores_nothing_and_the_evaluation_goes_on(caplog):
         out = evaluate(_Engine(), _Task(False), _reward, seed=3, device="cpu", metrics=broken)[0]
     assert _same(out, without) and list(out) == list(without)
     assert "evaluation metrics failed (RuntimeError: out of memory)" in caplog.text
+
+
+def test_eval_key_pairs_only_evaluations_that_sample_alike():
+    """The key changes with what an evaluation samples or decodes (the sampler, the low-noise
+    expert's guidance, the VAE's dtype) and stays as it was for a run that sets neither."""
+    from sage_fast.evaluation import eval_key, eval_seed
+
+    def cfg(**over):
+        sampler = SimpleNamespace(num_steps=10, shift=3.0, sde_type="sage_grpo", cfg_scale=4.0)
+        return SimpleNamespace(sampler=sampler, run=SimpleNamespace(seed=0),
+                               model=SimpleNamespace(low_noise_cfg_scale=over.get("low")),
+                               video=SimpleNamespace(vae_dtype=over.get("vae")))
+
+    task = SimpleNamespace(eval_prompts=["a", "b"], latent_shape=(16, 2, 4, 4))
+    plain = eval_key(cfg(), task)
+    before = (task.eval_prompts, eval_seed(0), 10, 3.0, "sage_grpo", 4.0, task.latent_shape)  # the key's old parts
+    assert plain == hashlib.blake2b(repr(before).encode(), digest_size=8).hexdigest()
+    keys = {plain, eval_key(cfg(low=3.0), task), eval_key(cfg(low=2.0), task), eval_key(cfg(vae="float32"), task)}
+    assert len(keys) == 4 and eval_key(cfg(low=3.0), task) == eval_key(cfg(low=3.0), task)

@@ -42,7 +42,8 @@ def test_two_ranks_sequence_parallel_and_fsdp2_equal_one_process():
 
 @pytest.mark.parametrize("body, code, printed", [
     ("return 3", 3, None), ("return None", 0, None), ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
-    ("sys.exit('bad config')", 1, "bad config"), ("sys.exit(4)", 4, None)])
+    ("sys.exit('bad config')", 1, "bad config"), ("sys.exit(4)", 4, None),
+    ("raise KeyboardInterrupt", 130, "KeyboardInterrupt")])
 def test_exit_worker_keeps_the_exit_code_and_the_output(body, code, printed):
     """exit_worker ends the process with main's code as the interpreter would (an exception: its
     traceback and 1), with buffered stdout and log records written before it leaves."""

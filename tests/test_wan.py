@@ -298,6 +298,8 @@ def test_low_noise_expert_guides_with_its_own_scale(tiny, tiny2):
         assert torch.equal(model.velocity(x[low], t[low], low_cond, 4.0), at_2)  # one expert's call alike
         assert (v[low] - plain[low]).abs().max() > 1e-3  # the scale does change them
         assert torch.equal(model.velocity(x, t, cond, 1.0), unguided)
+    with pytest.raises(ValueError, match="a per-row cfg_scale tensor with low_noise_cfg_scale set"):
+        model.velocity(x, t, cond, torch.full((5,), 4.0))
     with pytest.raises(ValueError, match="low_noise_cfg_scale is the low-noise expert's guidance"):
         WanVelocityModel(model.transformer, low_noise_cfg_scale=2.0)
     with pytest.raises(ValueError, match="model.low_noise_cfg_scale needs a two-expert"):

@@ -83,6 +83,8 @@ def test_wan_task_needs_the_wan_family(wan21, tmp_path, reward_module):
     with pytest.raises(ValueError, match="video.pipeline"):
         train_config.check_paths(_cfg("wan21_t2v_1.3b_480p", wan21, tmp_path, reward_module,
                                       f"video.pipeline={tmp_path / 'nowhere'}"))
+    with pytest.raises(ValueError, match=r"model\.low_noise_cfg_scale=3\.0 has no effect with sampler\.cfg_scale=1"):
+        _cfg("wan22_a14b_t2v_480p", wan21, tmp_path, reward_module, "sampler.cfg_scale=1")
 
 
 def test_the_vae_runs_in_its_own_dtype(wan21, tmp_path, reward_module):
@@ -185,13 +187,14 @@ def test_one_trained_expert_trains_only_its_steps(experts, wan22, tmp_path, rewa
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.trainable)
 
 
-@pytest.mark.parametrize("experts", ["both", "high"])
+@pytest.mark.parametrize("experts", ["both", "high", "low"])
 def test_export_writes_each_trained_expert_as_its_pipeline_part(experts, wan22, tmp_path, reward_module):
-    """export_run of a Wan 2.2 run: OUT/transformer (and OUT/transformer_2 when it trained), each
-    a WanTransformer3DModel folder with the LoRA merged that diffusers reads, and its peft
-    adapter; with the base's frozen expert beside them they give the trained policy's velocity
-    on both sides of the boundary, within the tolerance rule of float32 (the base does not);
-    the export of the policy in memory (the run's final export) has the same weights, bitwise."""
+    """export_run of a Wan 2.2 run: OUT/transformer and / or OUT/transformer_2, the experts that
+    trained, each a WanTransformer3DModel folder with the LoRA merged that diffusers reads, and
+    its peft adapter (for the base's expert); with the base's frozen expert beside them they
+    give the trained policy's velocity on both sides of the boundary, within the tolerance rule
+    of float32 (the base does not); the export of the policy in memory (the run's final
+    export), with its config or without, has the same experts and weights, bitwise."""
     import copy
     import json
 
@@ -212,11 +215,16 @@ def test_export_writes_each_trained_expert_as_its_pipeline_part(experts, wan22, 
     nudge_lora(trainer)
     trainer.save()  # iteration 0
     out = export_run(run, tmp_path / "out")
-    written = ["transformer", "transformer_2"] if experts == "both" else ["transformer"]
+    written = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[experts]
+    base = [sub for sub in ("transformer", "transformer_2") if sub not in written]
     manifest = json.loads((out / "export.json").read_text())
-    assert manifest["experts"] == {"written": written, "base": [] if experts == "both" else ["transformer_2"]}
+    assert manifest["experts"] == {"written": written, "base": base}
     assert manifest["task"] == "wan" and manifest["pipeline"] == str(wan22) and manifest["merged"]
+    assert manifest["guidance"] == {"cfg_scale": 4.0, "low_noise_cfg_scale": 3.0}
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == written
+    for sub in written:
+        adapter_cfg = json.loads((out / sub / "adapter" / "adapter_config.json").read_text())
+        assert adapter_cfg["base_model_name_or_path"] == str(wan22 / sub)
     parts = {sub: WanTransformer3DModel.from_pretrained(out / sub) for sub in written}
     adapters = {sub: PeftModel.from_pretrained(load_wan_transformer(wan22, sub), out / sub / "adapter").get_base_model()
                 for sub in written}
@@ -236,7 +244,7 @@ def test_export_writes_each_trained_expert_as_its_pipeline_part(experts, wan22, 
             x.double(), t.double(), cond.to(torch.float64), scale)
         v_policy = policy.velocity(x, t, cond, scale)
         for name, experts_out in (("merged", parts), ("adapter", adapters)):
-            high = experts_out["transformer"]
+            high = experts_out.get("transformer") or load_wan_transformer(wan22, "transformer")
             low = experts_out.get("transformer_2") or load_wan_transformer(wan22, "transformer_2")
             assert_within_baseline(f"wan export {name}", wan(high, low).velocity(x, t, cond, scale), v_policy, ref64,
                                    torch.float32)
@@ -245,7 +253,10 @@ def test_export_writes_each_trained_expert_as_its_pipeline_part(experts, wan22, 
     assert float((v_policy - v_base).abs().max()) > 1e-2 * float(v_policy.abs().max())
 
     memory = export_policy(trainer, tmp_path / "memory")
-    for sub in written:
-        a = load_file(out / sub / "diffusion_pytorch_model.safetensors")
-        b = load_file(memory / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    bare = export_policy(trainer.model, tmp_path / "bare")  # no cfg: the experts with LoRA are the trained ones
+    assert json.loads((bare / "export.json").read_text())["experts"] == {"written": written, "base": base}
+    for folder in (memory, bare):
+        for sub in written:
+            a = load_file(out / sub / "diffusion_pytorch_model.safetensors")
+            b = load_file(folder / sub / "diffusion_pytorch_model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (folder, sub)

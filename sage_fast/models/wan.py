@@ -34,7 +34,8 @@ Guidance per expert: `low_noise_cfg_scale` (the pipeline's `guidance_scale_2`; t
 release samples T2V-A14B with 4.0 high, 3.0 low) replaces the caller's cfg_scale on the rows
 `transformer_2` serves, whenever the call is guided; None (the pipeline's default) uses the
 caller's scale for both. Whether a call is guided is the caller's scale alone (cfg_scale == 1:
-no guidance on either expert), as the pipeline decides by `guidance_scale`.
+no guidance on either expert), as the pipeline decides by `guidance_scale`; with it set, the
+caller's scale is one float (a per-row tensor is refused).
 
 Not covered: image-to-video (Wan 2.1 I2V's image embeds, 36 input channels) and Wan 2.2
 TI2V-5B (`expand_timesteps`: per-token timesteps); both are refused by the folder check or
@@ -208,6 +209,9 @@ class WanVelocityModel(nn.Module):
         high = self._high_rows(timestep_b)
         n_high = int(high.sum())
         per_row_scale = isinstance(cfg_scale, torch.Tensor) and cfg_scale.dim() == 1
+        if per_row_scale and self.low_noise_cfg_scale is not None:
+            raise ValueError("a per-row cfg_scale tensor with low_noise_cfg_scale set: give one float (the low-noise "
+                             "expert's rows use low_noise_cfg_scale), or set low_noise_cfg_scale to None")
         used = (n_high > 0, n_high < B)
         run = used if self.sync_experts is None else tuple(self.sync_experts(used))
         if run == used:

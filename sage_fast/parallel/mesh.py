@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -46,7 +47,7 @@ def init_distributed(device_type: str | None = None) -> None:
 def exit_worker(main: Callable[[], int | None]) -> NoReturn:
     """Run a torchrun worker's `main()` (which destroys its process groups) and end the process
     with its exit code: stdio and logging flushed, then `os._exit`, without interpreter
-    finalization. An exception is printed and exits 1, as Python would.
+    finalization. An exception is printed and exits 1 (KeyboardInterrupt 130), as Python would.
 
     Why: gloo's process group has no shutdown, so its worker threads outlive
     `destroy_process_group` (the C++ object, and its threads, go only when the last Python
@@ -64,6 +65,9 @@ def exit_worker(main: Callable[[], int | None]) -> NoReturn:
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:  # as the interpreter: the traceback, then the status of a SIGINT death
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
     except BaseException:  # noqa: BLE001 - printed as the interpreter would, then exit 1
         traceback.print_exc()
         code = 1
@@ -71,7 +75,7 @@ def exit_worker(main: Callable[[], int | None]) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (AttributeError, OSError, ValueError):  # no stream (None), or a closed or broken one
             pass
     os._exit(0 if code is None else int(code))
 
